@@ -1,0 +1,419 @@
+"""The engine: one thread that runs every session's model steps.
+
+Each step packs the next token of every generating session and, within a
+token budget, one prefill chunk, into a single forward pass. Sessions join and
+leave between steps. Requests arrive from the gRPC event loop through the
+public methods, which only change session state under the lock; the forward
+pass runs outside it, and events go back through each session's sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from worker.chat import ChatFormat
+from worker.detokenizer import StreamDecoder
+from worker.errors import InvalidRequest, LimitExceeded, SessionBusy, SessionNotFound, Unavailable
+from worker.metrics import WorkerMetrics
+from worker.model import LoadedModel
+from worker.runner import ModelRunner
+from worker.sampling import sample
+from worker.session import (
+    CacheConfig,
+    EndReason,
+    EvictionEvent,
+    SamplingParams,
+    Session,
+    SessionState,
+    TokenEvent,
+    TurnEndEvent,
+    TurnProgress,
+)
+from worker.sink_cache import CacheShape, SinkCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and defaults of one worker's engine."""
+
+    max_sessions: int = 64
+    sink_size: int = 4
+    window_size: int = 1020
+    max_sink_size: int = 64
+    max_window_size: int = 4092
+    evict_size: int = 32
+    prefill_chunk_size: int = 256
+    max_turn_tokens: int = 8192
+    max_new_tokens: int = 256
+    max_new_tokens_limit: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        if not 0 <= self.sink_size <= self.max_sink_size:
+            raise ValueError("sink_size must be in [0, max_sink_size]")
+        if not 1 <= self.window_size <= self.max_window_size:
+            raise ValueError("window_size must be in [1, max_window_size]")
+        if self.evict_size < 1 or self.prefill_chunk_size < 1:
+            raise ValueError("evict_size and prefill_chunk_size must be >= 1")
+        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("max_new_tokens must be in [1, max_new_tokens_limit]")
+
+
+@dataclass
+class _Item:
+    session: Session
+    token_ids: list[int]
+    turn_ids: list[int]
+    decode: bool
+
+
+class Engine:
+    """Owns the sessions of a worker and steps them through the model."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        metrics: WorkerMetrics | None = None,
+    ):
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.metrics = metrics or WorkerMetrics()
+        self.runner = ModelRunner(loaded)
+        self.chat = ChatFormat(loaded.tokenizer)
+        self.end_ids = set(self.chat.end_of_turn_ids)
+        self.sessions: dict[str, Session] = {}
+        self._decoders: dict[str, StreamDecoder] = {}
+        self._prefill_queue: list[str] = []
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        mc = loaded.model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        param = next(loaded.model.parameters())
+        self.cache_shape = CacheShape(
+            mc.num_hidden_layers, mc.num_key_value_heads, head_dim, param.dtype, param.device
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sinkserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    @property
+    def free_slots(self) -> int:
+        if not self._accepting:
+            return 0
+        return max(self.config.max_sessions - len(self.sessions), 0)
+
+    # -- requests (called from the event loop) ------------------------------
+
+    def open_session(
+        self,
+        system_prompt: str | None,
+        sampling: SamplingParams,
+        sink_size: int | None = None,
+        window_size: int | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        cfg = self.config
+        cache_config = self._cache_config(sink_size, window_size)
+        sampling.validate(cfg.max_new_tokens_limit)
+        if system_prompt is not None and not system_prompt.strip():
+            raise InvalidRequest("the system prompt is blank; omit it for the default")
+        system_ids = self.chat.system_tokens(system_prompt)
+        if len(system_ids) > cache_config.cache_size // 2:
+            raise LimitExceeded(
+                f"the system prompt is {len(system_ids)} tokens; it is pinned in the "
+                f"cache and may take at most half of it ({cache_config.cache_size // 2})"
+            )
+        with self._cond:
+            if not self._accepting:
+                raise Unavailable("this worker is draining and takes no new sessions")
+            if len(self.sessions) >= cfg.max_sessions:
+                raise LimitExceeded(f"this worker holds its limit of {cfg.max_sessions} sessions")
+            session_id = session_id or uuid.uuid4().hex
+            if session_id in self.sessions:
+                raise InvalidRequest(f"session {session_id} already exists")
+            cache = SinkCache(
+                self.cache_shape,
+                self.loaded.rotary,
+                cache_config.sink_size,
+                cache_config.window_size,
+                cache_config.evict_size,
+            )
+            session = Session(session_id, cache, cache_config, sampling, system_ids)
+            self.sessions[session_id] = session
+            self._decoders[session_id] = StreamDecoder(self.loaded.tokenizer, self.end_ids)
+            self._update_gauges()
+        log.info(
+            "session %s opened: cache %d+%d, %d system tokens",
+            session_id,
+            cache_config.sink_size,
+            cache_config.window_size,
+            len(system_ids),
+        )
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.state is SessionState.CLOSED:
+            raise SessionNotFound(f"no session {session_id!r} on this worker")
+        return session
+
+    def submit_turn(self, session_id: str, text: str, max_new_tokens: int | None = None) -> int:
+        """Queue a user turn; returns its turn number."""
+        if not text.strip():
+            raise InvalidRequest("the user turn is empty")
+        limit = self.config.max_new_tokens_limit
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= limit:
+            raise InvalidRequest(f"max_new_tokens must be in [1, {limit}], got {max_new_tokens}")
+        with self._cond:
+            session = self.get(session_id)
+            if session.busy:
+                raise SessionBusy(
+                    f"session {session_id} is still {session.state.value}: wait for the "
+                    "turn to end (or interrupt it) before sending the next"
+                )
+            first = session.num_turns == 0
+            increment = self.chat.user_tokens(text, first, session.reply_closed)
+            if len(increment) > self.config.max_turn_tokens:
+                raise LimitExceeded(
+                    f"the turn is {len(increment)} tokens; this worker's limit is "
+                    f"{self.config.max_turn_tokens}"
+                )
+            turn = session.num_turns + 1
+            session.turn = TurnProgress(
+                turn=turn,
+                max_new_tokens=max_new_tokens or session.sampling.max_new_tokens,
+                submitted_s=time.perf_counter(),
+                num_reused=session.cache.length,
+                base_length=session.cache.length,
+                saved_pending=list(session.pending),
+                to_prefill=session.pending + [(t, turn) for t in increment],
+            )
+            session.num_turns = turn
+            session.pending = []
+            session.state = SessionState.PREFILLING
+            self._prefill_queue.append(session_id)
+            self.metrics.tokens_reused.inc(session.cache.length)
+            self._cond.notify_all()
+            return turn
+
+    def cancel_turn(self, session_id: str) -> None:
+        """Stop the session's turn at the next step (no-op when idle)."""
+        with self._cond:
+            session = self.sessions.get(session_id)
+            if session is not None and session.turn is not None and session.busy:
+                session.turn.cancelled = True
+                self._cond.notify_all()
+
+    def close_session(self, session_id: str) -> None:
+        with self._cond:
+            session = self.sessions.pop(session_id, None)
+            self._decoders.pop(session_id, None)
+            if session is None:
+                raise SessionNotFound(f"no session {session_id!r} on this worker")
+            session.state = SessionState.CLOSED
+            session.sink = None
+            self._update_gauges()
+        log.info("session %s closed", session_id)
+
+    def _cache_config(self, sink_size: int | None, window_size: int | None) -> CacheConfig:
+        cfg = self.config
+        sink = cfg.sink_size if sink_size is None else sink_size
+        window = cfg.window_size if window_size is None else window_size
+        if sink < 0 or window < 1:
+            raise InvalidRequest(f"sink_size must be >= 0 and window_size >= 1 (got {sink}, {window})")
+        if sink > cfg.max_sink_size or window > cfg.max_window_size:
+            raise LimitExceeded(
+                f"cache {sink}+{window} is over this worker's limits "
+                f"(sink_size <= {cfg.max_sink_size}, window_size <= {cfg.max_window_size})"
+            )
+        return CacheConfig(sink, window, min(cfg.evict_size, window))
+
+    # -- the loop ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._has_work():
+                    self._cond.wait()
+                if self._stopped:
+                    return
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed")
+
+    def _has_work(self) -> bool:
+        return any(s.busy for s in self.sessions.values())
+
+    def step(self) -> int:
+        """Run one packed forward pass; returns how many sessions it served."""
+        started = time.perf_counter()
+        with self._cond:
+            items = self._plan()
+        if not items:
+            return 0
+        work = [(i.session.cache, i.token_ids, i.turn_ids) for i in items]
+        try:
+            logits, evictions = self.runner.forward(work)
+        except Exception:
+            log.exception("forward pass failed; ending the turns it carried")
+            with self._cond:
+                for item in items:
+                    self._end_turn(item.session, EndReason.ERROR)
+            return len(items)
+        with self._cond:
+            for row, item in enumerate(items):
+                self._apply(item, logits[row], evictions[row])
+            self._update_gauges()
+        self.metrics.step_duration.observe(time.perf_counter() - started)
+        return len(items)
+
+    def _plan(self) -> list[_Item]:
+        items = []
+        for session in list(self.sessions.values()):
+            if session.state is not SessionState.GENERATING:
+                continue
+            if session.turn.cancelled:
+                self._end_turn(session, EndReason.CANCELLED)
+                continue
+            turn = session.turn.turn
+            items.append(_Item(session, [session.next_token], [turn], decode=True))
+        self.metrics.generating_sessions.set(len(items))
+
+        budget = self.config.prefill_chunk_size
+        for session_id in list(self._prefill_queue):
+            if budget <= 0:
+                break
+            session = self.sessions.get(session_id)
+            if session is None or session.state is not SessionState.PREFILLING:
+                self._prefill_queue.remove(session_id)
+                continue
+            if session.turn.cancelled:
+                self._roll_back_turn(session, EndReason.CANCELLED)
+                continue
+            chunk = self._next_chunk(session, budget)
+            budget -= len(chunk)
+            ids = [t for t, _ in chunk]
+            turns = [turn for _, turn in chunk]
+            items.append(_Item(session, ids, turns, decode=False))
+        return items
+
+    def _next_chunk(self, session: Session, budget: int) -> list[tuple[int, int]]:
+        cache = session.cache
+        room = cache.cache_size - cache.pin_target
+        size = max(1, min(budget, self.config.prefill_chunk_size, room))
+        chunk = session.turn.to_prefill[:size]
+        del session.turn.to_prefill[:size]
+        return chunk
+
+    def _apply(self, item: _Item, logits: torch.Tensor, evictions: list) -> None:
+        session = item.session
+        turn = session.turn
+        if session.state is SessionState.CLOSED or turn is None:
+            return
+        for eviction in evictions:
+            turn.num_evicted += eviction.num_evicted
+            self.metrics.tokens_evicted.inc(eviction.num_evicted)
+            self.metrics.evictions.inc()
+            session.emit(EvictionEvent(turn.turn, eviction))
+        if not item.decode:
+            turn.num_prefilled += len(item.token_ids)
+            self.metrics.tokens_prefilled.inc(len(item.token_ids))
+            if turn.to_prefill:
+                return
+            self._prefill_queue.remove(session.session_id)
+        if turn.cancelled:
+            self._end_turn(session, EndReason.CANCELLED)
+            return
+        token = sample(logits, session.sampling, session.generator)
+        self._take_token(session, token)
+
+    def _take_token(self, session: Session, token: int) -> None:
+        turn = session.turn
+        now = time.perf_counter()
+        if turn.first_token_s is None:
+            turn.first_token_s = now
+            self.metrics.ttft.observe(now - turn.submitted_s)
+        else:
+            self.metrics.itl.observe(now - turn.last_token_s)
+        turn.last_token_s = now
+        turn.reply_ids.append(token)
+        session.next_token = token
+        self.metrics.tokens_generated.inc()
+        if token in self.end_ids:
+            self._end_turn(session, EndReason.STOP)
+            return
+        text = self._decoders[session.session_id].push(token)
+        index = len(turn.reply_ids) - 1
+        session.emit(TokenEvent(turn.turn, index, token, text))
+        if len(turn.reply_ids) >= turn.max_new_tokens:
+            self._end_turn(session, EndReason.LENGTH)
+        else:
+            session.state = SessionState.GENERATING
+
+    def _end_turn(self, session: Session, reason: EndReason) -> None:
+        """Close the turn; the last sampled token waits to be fed next turn."""
+        turn = session.turn
+        if not turn.reply_ids:
+            self._roll_back_turn(session, reason)
+            return
+        last = session.next_token
+        session.pending = [(last, turn.turn)]
+        session.reply_closed = last in self.end_ids
+        session.state = SessionState.IDLE
+        session.next_token = None
+        reply = [t for t in turn.reply_ids if t not in self.end_ids]
+        text = self.loaded.tokenizer.decode(reply)
+        self._decoders[session.session_id] = StreamDecoder(self.loaded.tokenizer, self.end_ids)
+        self._finish(session, reason, text)
+
+    def _roll_back_turn(self, session: Session, reason: EndReason) -> None:
+        """A turn that ends before its reply began leaves no trace of itself."""
+        turn = session.turn
+        keep = max(turn.base_length - turn.num_evicted, session.cache.num_pinned)
+        session.cache.truncate(min(keep, session.cache.length))
+        session.pending = turn.saved_pending
+        session.num_turns = turn.turn - 1
+        session.state = SessionState.IDLE
+        if session.session_id in self._prefill_queue:
+            self._prefill_queue.remove(session.session_id)
+        self._finish(session, reason, "")
+
+    def _finish(self, session: Session, reason: EndReason, text: str) -> None:
+        turn = session.turn
+        self.metrics.turns.labels(reason=reason.value).inc()
+        session.emit(TurnEndEvent(turn.turn, reason, turn.stats(session.cache.length), text))
+        session.turn = None
+
+    def _update_gauges(self) -> None:
+        caches = [s.cache for s in self.sessions.values()]
+        self.metrics.active_sessions.set(len(caches))
+        self.metrics.cache_tokens.set(sum(c.length for c in caches))
+        self.metrics.cache_capacity.set(sum(c.cache_size for c in caches))
+        self.metrics.cache_bytes.set(sum(c.nbytes() for c in caches))

@@ -1,0 +1,79 @@
+"""The worker's Prometheus metrics; no label ever carries a session id."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        prefix = "sinkserve_worker"
+        self.ttft = Histogram(
+            f"{prefix}_time_to_first_token_seconds",
+            "From a user turn's arrival to its reply's first token.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            f"{prefix}_inter_token_latency_seconds",
+            "Between consecutive tokens of one reply.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            f"{prefix}_step_duration_seconds",
+            "One packed forward pass and its bookkeeping.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.tokens_prefilled = Counter(
+            f"{prefix}_tokens_prefilled_total", "Tokens fed by prefill.", registry=r
+        )
+        self.tokens_reused = Counter(
+            f"{prefix}_tokens_reused_total",
+            "Cached tokens a new turn did not have to prefill again.",
+            registry=r,
+        )
+        self.tokens_generated = Counter(
+            f"{prefix}_tokens_generated_total", "Tokens sampled.", registry=r
+        )
+        self.tokens_evicted = Counter(
+            f"{prefix}_tokens_evicted_total", "Tokens evicted from caches.", registry=r
+        )
+        self.evictions = Counter(
+            f"{prefix}_evictions_total", "Eviction events sent to clients.", registry=r
+        )
+        self.turns = Counter(
+            f"{prefix}_turns_total", "Finished turns, by end reason.", ["reason"], registry=r
+        )
+        self.errors = Counter(
+            f"{prefix}_request_errors_total",
+            "Requests refused, by gRPC status code.",
+            ["code"],
+            registry=r,
+        )
+        self.active_sessions = Gauge(
+            f"{prefix}_active_sessions", "Sessions held by this worker.", registry=r
+        )
+        self.generating_sessions = Gauge(
+            f"{prefix}_generating_sessions",
+            "Sessions in the last decode batch.",
+            registry=r,
+        )
+        self.cache_tokens = Gauge(
+            f"{prefix}_cache_occupancy_tokens",
+            "Tokens cached, summed over sessions.",
+            registry=r,
+        )
+        self.cache_capacity = Gauge(
+            f"{prefix}_cache_capacity_tokens",
+            "sink_size + window_size, summed over sessions.",
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            f"{prefix}_cache_bytes", "Bytes allocated for session caches.", registry=r
+        )

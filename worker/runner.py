@@ -1,0 +1,61 @@
+"""One forward pass over the new tokens of several sessions at once."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.attention import PackedStep, Segment
+from worker.model import LoadedModel
+from worker.sink_cache import Eviction, SinkCache
+
+
+class ModelRunner:
+    """Runs packed steps: prefill chunks and decode tokens side by side."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def forward(
+        self, work: list[tuple[SinkCache, list[int], list[int]]]
+    ) -> tuple[torch.Tensor, list[list[Eviction]]]:
+        """Feed each (cache, token_ids, turn_ids); return next-token logits.
+
+        The caches make room first (evicting their oldest unpinned tokens),
+        then every token is written at its in-cache slot; a chunk larger than
+        the window is trimmed afterwards. Returns logits [N, V] (fp32) for the
+        last token of each item, and the evictions each cache made.
+        """
+        evictions: list[list[Eviction]] = [[] for _ in work]
+        segments = []
+        offset = 0
+        for i, (cache, token_ids, _) in enumerate(work):
+            if not token_ids:
+                raise ValueError("every item of a step needs at least one token")
+            made = cache.make_room(len(token_ids))
+            if made:
+                evictions[i].append(made)
+            segments.append(Segment(cache, token_ids, offset, cache.length))
+            offset += len(token_ids)
+
+        flat = [t for _, token_ids, _ in work for t in token_ids]
+        input_ids = torch.tensor([flat], device=self.device)  # [1, T]
+        position_ids = torch.zeros_like(input_ids)  # rotation happens in attention
+        last = torch.tensor([s.offset + s.num_tokens - 1 for s in segments])
+        step = PackedStep(segments, self.loaded.rotary)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=last.to(self.device),
+            packed_step=step,
+        )
+
+        for i, (cache, token_ids, turn_ids) in enumerate(work):
+            cache.append(token_ids, turn_ids)
+            trimmed = cache.trim()
+            if trimmed:
+                evictions[i].append(trimmed)
+        return out.logits[0].float(), evictions  # [N, V]

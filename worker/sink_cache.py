@@ -1,0 +1,208 @@
+"""The sink + window KV cache of one session.
+
+Slots [0, length) hold the cached tokens, and the token in slot i has position
+i: positions live inside the cache, not in the original text. The first
+`num_pinned` slots (the attention sinks and the system prompt) never move.
+Eviction removes the oldest unpinned slots and shifts the rest down, so the
+survivors take new, contiguous positions.
+
+Keys are kept twice: before rotation (`k_raw`, the exact source of truth) and
+rotated at their current slot (`k_rot`, what attention reads). After an
+eviction the moved keys are re-rotated from `k_raw` lazily, once, before the
+next read: several evictions queued before one forward pass cost one
+rotation, and no rotation is ever applied to an already rotated key, so the
+positions cannot drift however long the session runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.rotary import RotaryTables
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Per-token geometry of a model's KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def bytes_per_token(self) -> int:
+        """Theoretical K+V bytes for one cached token."""
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element_size
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """What one eviction removed, for the client and the metrics."""
+
+    num_evicted: int
+    turns_gone: tuple[int, ...]  # turns with no token left in the cache
+    turn_partial: int | None  # the oldest turn that lost some tokens, if any
+    length_after: int
+
+
+class SinkCache:
+    """Preallocated, bounded KV storage with positions assigned inside it.
+
+    Invariant between forward passes: `length == len(token_ids) ==
+    len(turn_ids)` and the next token takes position `length`; `length <=
+    cache_size` except right after a chunk larger than the window, until
+    `trim()` runs.
+    """
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        rotary: RotaryTables,
+        sink_size: int,
+        window_size: int,
+        evict_size: int = 1,
+        headroom: int = 0,
+    ):
+        if sink_size < 0 or window_size < 1 or evict_size < 1 or headroom < 0:
+            raise ValueError("sink_size >= 0, window_size >= 1, evict_size >= 1")
+        capacity = sink_size + window_size + headroom
+        if capacity > rotary.max_positions:
+            raise ValueError(
+                f"capacity {capacity} exceeds the rotary table ({rotary.max_positions})"
+            )
+        size = (shape.num_layers, shape.num_kv_heads, capacity, shape.head_dim)
+        options = {"dtype": shape.dtype, "device": shape.device}
+        self.k_raw = torch.zeros(size, **options)  # [L, KVH, C, D]
+        self.k_rot = torch.zeros(size, **options)  # [L, KVH, C, D]
+        self.v = torch.zeros(size, **options)  # [L, KVH, C, D]
+        self.shape = shape
+        self.rotary = rotary
+        self.sink_size = sink_size
+        self.window_size = window_size
+        self.cache_size = sink_size + window_size
+        self.evict_size = evict_size
+        self.capacity = capacity
+        self.length = 0
+        self.token_ids: list[int] = []
+        self.turn_ids: list[int] = []
+        self._pin_target = sink_size
+        # Per layer, the first slot whose rotated key is out of date.
+        self._stale_from = [capacity] * shape.num_layers
+
+    @property
+    def pin_target(self) -> int:
+        """How many leading slots are pinned once the cache holds them."""
+        return self._pin_target
+
+    @property
+    def num_pinned(self) -> int:
+        return min(self._pin_target, self.length)
+
+    def pin_through(self, length: int) -> None:
+        """Pin slots [0, length) (the system prompt) besides the sinks."""
+        self._pin_target = max(self.sink_size, length)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v))
+
+    def make_room(self, incoming: int) -> Eviction | None:
+        """Evict before a forward pass so `incoming` tokens fit, if they can."""
+        overflow = self.length + incoming - self.cache_size
+        if overflow <= 0:
+            return None
+        return self._evict(max(overflow, self.evict_size))
+
+    def trim(self) -> Eviction | None:
+        """Evict after a chunk that did not fit, back to `cache_size`."""
+        overflow = self.length - self.cache_size
+        return self._evict(overflow) if overflow > 0 else None
+
+    def write(
+        self, layer: int, start: int, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store unrotated keys and values at slots [start, start + T) of a layer.
+
+        k_new, v_new: [KVH, T, D]. Returns the layer's rotated keys and values
+        for slots [0, start + T), ready for attention ([KVH, S, D] views).
+        The tokens count as cached once `append` records them.
+        """
+        end = start + k_new.shape[1]
+        if start != self.length:
+            raise ValueError(f"write at slot {start}, cache length is {self.length}")
+        if end > self.capacity:
+            raise ValueError(f"write to slot {end} beyond capacity {self.capacity}")
+        self._refresh(layer, start)
+        self.k_raw[layer, :, start:end] = k_new
+        self.v[layer, :, start:end] = v_new
+        self.k_rot[layer, :, start:end] = self.rotary.rotate(k_new, slice(start, end))
+        return self.k_rot[layer, :, :end], self.v[layer, :, :end]
+
+    def append(self, token_ids: list[int], turn_ids: list[int]) -> None:
+        """Record tokens whose keys and values every layer has written."""
+        if len(token_ids) != len(turn_ids):
+            raise ValueError("one turn id per token")
+        self.token_ids.extend(token_ids)
+        self.turn_ids.extend(turn_ids)
+        self.length += len(token_ids)
+
+    def truncate(self, length: int) -> None:
+        """Drop the newest tokens so that `length` remain."""
+        if not self.num_pinned <= length <= self.length:
+            raise ValueError(
+                f"truncate to {length} outside [{self.num_pinned}, {self.length}]"
+            )
+        del self.token_ids[length:]
+        del self.turn_ids[length:]
+        self.length = length
+
+    def positions(self) -> list[int]:
+        """The position of each cached token: its slot."""
+        return list(range(self.length))
+
+    def rotated_keys(self) -> torch.Tensor:
+        """Every layer's rotated keys for the cached slots: [L, KVH, length, D]."""
+        for layer in range(self.shape.num_layers):
+            self._refresh(layer, self.length)
+        return self.k_rot[:, :, : self.length]
+
+    def raw_keys(self) -> torch.Tensor:
+        return self.k_raw[:, :, : self.length]  # [L, KVH, length, D]
+
+    def _evict(self, count: int) -> Eviction | None:
+        """Drop the `count` oldest unpinned tokens; later slots shift down."""
+        first = self.num_pinned
+        count = min(count, self.length - first)
+        if count <= 0:
+            return None
+        kept = self.length - first - count
+        src = slice(first + count, self.length)
+        dst = slice(first, first + kept)
+        # clone: the source and destination ranges overlap.
+        self.k_raw[:, :, dst] = self.k_raw[:, :, src].clone()
+        self.v[:, :, dst] = self.v[:, :, src].clone()
+        self._stale_from = [min(s, first) for s in self._stale_from]
+
+        evicted_turns = set(self.turn_ids[first : first + count])
+        del self.token_ids[first : first + count]
+        del self.turn_ids[first : first + count]
+        self.length = first + kept
+        remaining = set(self.turn_ids)
+        partial = sorted(evicted_turns & remaining)
+        return Eviction(
+            num_evicted=count,
+            turns_gone=tuple(sorted(evicted_turns - remaining)),
+            turn_partial=partial[0] if partial else None,
+            length_after=self.length,
+        )
+
+    def _refresh(self, layer: int, end: int) -> None:
+        """Re-rotate a layer's moved keys; `end` is the cache length."""
+        stale = self._stale_from[layer]
+        if stale < end:
+            raw = self.k_raw[layer, :, stale:end]
+            self.k_rot[layer, :, stale:end] = self.rotary.rotate(raw, slice(stale, end))
+        self._stale_from[layer] = self.capacity
