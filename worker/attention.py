@@ -67,8 +67,9 @@ def sink_attention(
         keys, values = segment.cache.write(
             layer, segment.start, key[0, :, rows], value[0, :, rows]
         )  # [KVH, S, D] each
-        slots = slice(segment.start, segment.start + segment.num_tokens)
-        q = packed_step.rotary.rotate(query[0, :, rows], slots)  # [H, t, D]
+        end = segment.start + segment.num_tokens
+        positions = segment.cache.slot_positions(segment.start, end)
+        q = packed_step.rotary.rotate(query[0, :, rows], positions)  # [H, t, D]
         mask = _causal_mask(segment, keys.shape[1], query.device)
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True

@@ -19,14 +19,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, work: list[tuple[SinkCache, list[int], list[int]]]
+        self,
+        work: list[tuple[SinkCache, list[int], list[int]]],
+        all_logits: bool = False,
     ) -> tuple[torch.Tensor, list[list[Eviction]]]:
         """Feed each (cache, token_ids, turn_ids); return next-token logits.
 
         The caches make room first (evicting their oldest unpinned tokens),
         then every token is written at its in-cache slot; a chunk larger than
         the window is trimmed afterwards. Returns logits [N, V] (fp32) for the
-        last token of each item, and the evictions each cache made.
+        last token of each item (with `all_logits`, [T, V] for every token of
+        the packed row), and the evictions each cache made.
         """
         evictions: list[list[Eviction]] = [[] for _ in work]
         segments = []
@@ -49,7 +52,7 @@ class ModelRunner:
             input_ids=input_ids,
             position_ids=position_ids,
             use_cache=False,
-            logits_to_keep=last.to(self.device),
+            logits_to_keep=0 if all_logits else last.to(self.device),
             packed_step=step,
         )
 

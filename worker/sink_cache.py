@@ -138,8 +138,18 @@ class SinkCache:
         self._refresh(layer, start)
         self.k_raw[layer, :, start:end] = k_new
         self.v[layer, :, start:end] = v_new
-        self.k_rot[layer, :, start:end] = self.rotary.rotate(k_new, slice(start, end))
+        self.k_rot[layer, :, start:end] = self.rotary.rotate(
+            k_new, self.slot_positions(start, end)
+        )
         return self.k_rot[layer, :, :end], self.v[layer, :, :end]
+
+    def slot_positions(self, start: int, end: int) -> slice | torch.Tensor:
+        """Rotary positions of slots [start, end): the slots themselves.
+
+        The one place positions are decided; a subclass may assign others
+        (the perplexity benchmark's no-re-positioning baseline does).
+        """
+        return slice(start, end)
 
     def append(self, token_ids: list[int], turn_ids: list[int]) -> None:
         """Record tokens whose keys and values every layer has written."""
@@ -204,5 +214,6 @@ class SinkCache:
         stale = self._stale_from[layer]
         if stale < end:
             raw = self.k_raw[layer, :, stale:end]
-            self.k_rot[layer, :, stale:end] = self.rotary.rotate(raw, slice(stale, end))
+            positions = self.slot_positions(stale, end)
+            self.k_rot[layer, :, stale:end] = self.rotary.rotate(raw, positions)
         self._stale_from[layer] = self.capacity
