@@ -77,6 +77,11 @@ class Conversation:
         """Send a user turn; yield its tokens and evictions, then its TurnEnd."""
         turn = pb.UserTurn(text=text, max_new_tokens=max_new_tokens)
         await self.send(pb.ClientMessage(user_turn=turn))
+        async for message in self.reply():
+            yield message
+
+    async def reply(self) -> AsyncIterator[pb.ServerMessage]:
+        """Server messages up to and including the next TurnEnd."""
         async for message in self.events():
             yield message
             if message.WhichOneof("kind") == "turn_end":
