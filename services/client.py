@@ -64,7 +64,9 @@ class Conversation:
         await self._call.write(first)
         reply = await self._read()
         if reply.WhichOneof("kind") != "opened":
-            raise RuntimeError(f"expected SessionOpened, got {reply.WhichOneof('kind')}")
+            raise RuntimeError(
+                f"expected SessionOpened, got {reply.WhichOneof('kind')}"
+            )
         self.opened = reply.opened
         return reply.opened
 
@@ -73,7 +75,9 @@ class Conversation:
             raise RuntimeError("the conversation is not open")
         await self._call.write(message)
 
-    async def ask(self, text: str, max_new_tokens: int = 0) -> AsyncIterator[pb.ServerMessage]:
+    async def ask(
+        self, text: str, max_new_tokens: int = 0
+    ) -> AsyncIterator[pb.ServerMessage]:
         """Send a user turn; yield its tokens and evictions, then its TurnEnd."""
         turn = pb.UserTurn(text=text, max_new_tokens=max_new_tokens)
         await self.send(pb.ClientMessage(user_turn=turn))
@@ -94,7 +98,9 @@ class Conversation:
             if message is None:
                 return
             if message.WhichOneof("kind") == "error":
-                raise RequestRefused(_status_code(message.error.code), message.error.message)
+                raise RequestRefused(
+                    _status_code(message.error.code), message.error.message
+                )
             yield message
 
     async def close(self) -> None:

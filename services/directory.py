@@ -117,7 +117,9 @@ class RedisDirectory(SessionDirectory):
         return worker_id
 
     async def put_session(self, session_id: str, worker_id: str) -> None:
-        await self.redis.set(self._session_key(session_id), worker_id, ex=self.session_ttl_s)
+        await self.redis.set(
+            self._session_key(session_id), worker_id, ex=self.session_ttl_s
+        )
 
     async def delete_session(self, session_id: str) -> None:
         await self.redis.delete(self._session_key(session_id))

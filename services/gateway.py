@@ -31,12 +31,18 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         prefix = "sinkserve_gateway"
-        self.streams = Gauge(f"{prefix}_active_streams", "Open client streams.", registry=r)
+        self.streams = Gauge(
+            f"{prefix}_active_streams", "Open client streams.", registry=r
+        )
         self.sessions_opened = Counter(
-            f"{prefix}_sessions_opened_total", "Sessions placed on a worker.", registry=r
+            f"{prefix}_sessions_opened_total",
+            "Sessions placed on a worker.",
+            registry=r,
         )
         self.tokens_relayed = Counter(
-            f"{prefix}_tokens_relayed_total", "Token deltas relayed to clients.", registry=r
+            f"{prefix}_tokens_relayed_total",
+            "Token deltas relayed to clients.",
+            registry=r,
         )
         self.evictions_relayed = Counter(
             f"{prefix}_evictions_relayed_total", "Eviction notices relayed.", registry=r
@@ -104,13 +110,16 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         best: tuple[int, WorkerInfo] | None = None
         for worker, load in zip(workers, loads, strict=True):
             if isinstance(load, BaseException):
-                log.warning("worker %s did not report its load: %s", worker.worker_id, load)
+                log.warning(
+                    "worker %s did not report its load: %s", worker.worker_id, load
+                )
                 continue
             if load.free_slots > 0 and (best is None or load.free_slots > best[0]):
                 best = (load.free_slots, worker)
         if best is None:
             raise _Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "every live worker is full or draining"
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "every live worker is full or draining",
             )
         return best[1]
 
@@ -131,7 +140,8 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             if worker is None:
                 raise _Refusal(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"session {session_id!r} is on worker {worker_id}, which is not live",
+                    f"session {session_id!r} is on worker {worker_id}, "
+                    "which is not live",
                 )
             return worker
         raise _Refusal(
@@ -156,9 +166,13 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             await call.write(first)
             opened = await call.read()
             if opened is grpc.aio.EOF:
-                raise _Refusal(grpc.StatusCode.UNAVAILABLE, "the worker closed the stream")
+                raise _Refusal(
+                    grpc.StatusCode.UNAVAILABLE, "the worker closed the stream"
+                )
             if first.WhichOneof("kind") == "open":
-                await self.directory.put_session(opened.opened.session_id, worker.worker_id)
+                await self.directory.put_session(
+                    opened.opened.session_id, worker.worker_id
+                )
                 self.metrics.sessions_opened.inc()
             yield opened
 
@@ -166,6 +180,8 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             pump = asyncio.create_task(self._pump(request_iterator, call, timing))
             while (message := await call.read()) is not grpc.aio.EOF:
                 self._observe(message, timing)
+                if message.WhichOneof("kind") == "closed":
+                    await self.directory.delete_session(message.closed.session_id)
                 yield message
         except _Refusal as refusal:
             self.metrics.failures.labels(code=refusal.code.name).inc()

@@ -11,7 +11,9 @@ from pythonjsonlogger.json import JsonFormatter
 def configure_logging(level: str = "INFO", json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(
+            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        )
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")

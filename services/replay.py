@@ -31,7 +31,9 @@ class TurnRecord:
     evictions: list[pb.EvictionNotice] = field(default_factory=list)
 
 
-def stats_line(end: pb.TurnEnd, evictions: list[pb.EvictionNotice], cache_size: int) -> str:
+def stats_line(
+    end: pb.TurnEnd, evictions: list[pb.EvictionNotice], cache_size: int
+) -> str:
     s = end.stats
     gone = sorted({t for e in evictions for t in e.turns_gone})
     partial = [e.turn_partial for e in evictions if e.turn_partial]
@@ -66,7 +68,9 @@ async def run_turn(
         elif kind == "turn_end":
             end = message.turn_end
     opened = conversation.opened
-    out.write("\n" + stats_line(end, evictions, opened.sink_size + opened.window_size) + "\n")
+    out.write(
+        "\n" + stats_line(end, evictions, opened.sink_size + opened.window_size) + "\n"
+    )
     out.flush()
     return TurnRecord(text, "".join(pieces), end, evictions)
 
@@ -93,7 +97,10 @@ async def replay(
             f"{opened.sink_size} sinks + {opened.window_size} window, "
             f"{opened.num_system_tokens} system tokens pinned\n"
         )
-        labelled = [*questions, *((f"final {i + 1}", q) for i, q in enumerate(final_questions))]
+        labelled = [
+            *questions,
+            *((f"final {i + 1}", q) for i, q in enumerate(final_questions)),
+        ]
         for label, text in labelled:
             out.write(f"\n### {label}\n> {text}\n\n")
             records.append(await run_turn(conversation, text, out, max_new_tokens))
@@ -108,7 +115,11 @@ def summary(records: list[TurnRecord]) -> str:
     prefilled = sum(r.end.stats.num_prefilled for r in records)
     reused = sum(r.end.stats.num_reused for r in records)
     ttft = sorted(r.end.stats.ttft_ms for r in records)
-    rates = [r.end.stats.decode_tokens_per_s for r in records if r.end.stats.decode_tokens_per_s]
+    rates = [
+        r.end.stats.decode_tokens_per_s
+        for r in records
+        if r.end.stats.decode_tokens_per_s
+    ]
     return (
         f"{turns} turns | prefilled {prefilled} | reused {reused} | evicted {evicted} "
         f"tokens in {events} events | median ttft {ttft[len(ttft) // 2]:.0f} ms | "

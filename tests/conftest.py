@@ -61,7 +61,9 @@ def build_tiny(
     config = tiny_config(model_type, len(tokenizer), **overrides)
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     served = copy.deepcopy(reference)
-    loaded = prepare_model(served, tokenizer, max_positions=4096, name=f"tiny-{model_type}")
+    loaded = prepare_model(
+        served, tokenizer, max_positions=4096, name=f"tiny-{model_type}"
+    )
     return loaded, reference
 
 

@@ -72,14 +72,21 @@ def sink_attention(
         q = packed_step.rotary.rotate(query[0, :, rows], positions)  # [H, t, D]
         mask = _causal_mask(segment, keys.shape[1], query.device)
         out = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
+            q[None],
+            keys[None],
+            values[None],
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=True,
         )  # [1, H, t, D]
         outputs.append(out)
     output = torch.cat(outputs, dim=2)  # [1, H, T, D]
     return output.transpose(1, 2).contiguous(), None
 
 
-def _causal_mask(segment: Segment, num_keys: int, device: torch.device) -> torch.Tensor | None:
+def _causal_mask(
+    segment: Segment, num_keys: int, device: torch.device
+) -> torch.Tensor | None:
     """Query j (slot start + j) sees slots <= start + j; None for one query."""
     if segment.num_tokens == 1:
         return None

@@ -87,7 +87,9 @@ def _cut_template(tokenizer: object) -> TemplatePieces:
     first = _render(tokenizer, [system, user_1], True)
     second = _render(tokenizer, [system, user_1, reply, user_2], True)
     bare = _render(tokenizer, [user_1], True)
-    if not first.startswith(system_only) or not second.startswith(first[: first.index(_USER_1)]):
+    if not first.startswith(system_only) or not second.startswith(
+        first[: first.index(_USER_1)]
+    ):
         raise TemplateError("the chat template does not render turns as a prefix")
 
     system_prefix, system_suffix = system_only.split(_SYSTEM)
@@ -96,7 +98,10 @@ def _cut_template(tokenizer: object) -> TemplatePieces:
     after_reply = second[second.index(_REPLY) + len(_REPLY) : second.index(_USER_2)]
     if not second.endswith(_USER_2 + user_suffix):
         raise TemplateError("the chat template closes user turns inconsistently")
-    if second[second.index(_USER_1) + len(_USER_1) : second.index(_REPLY)] != user_suffix:
+    if (
+        second[second.index(_USER_1) + len(_USER_1) : second.index(_REPLY)]
+        != user_suffix
+    ):
         raise TemplateError("the chat template renders past replies unlike new ones")
 
     head = bare[: bare.index(_USER_1)]
@@ -104,7 +109,12 @@ def _cut_template(tokenizer: object) -> TemplatePieces:
     if not head.endswith(user_prefix_first):
         default_system = None
     return TemplatePieces(
-        system_prefix, system_suffix, default_system, user_prefix_first, user_suffix, after_reply
+        system_prefix,
+        system_suffix,
+        default_system,
+        user_prefix_first,
+        user_suffix,
+        after_reply,
     )
 
 

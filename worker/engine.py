@@ -19,7 +19,13 @@ import torch
 
 from worker.chat import ChatFormat
 from worker.detokenizer import StreamDecoder
-from worker.errors import InvalidRequest, LimitExceeded, SessionBusy, SessionNotFound, Unavailable
+from worker.errors import (
+    InvalidRequest,
+    LimitExceeded,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
 from worker.metrics import WorkerMetrics
 from worker.model import LoadedModel
 from worker.runner import ModelRunner
@@ -99,16 +105,24 @@ class Engine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         mc = loaded.model.config
-        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        head_dim = (
+            getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        )
         param = next(loaded.model.parameters())
         self.cache_shape = CacheShape(
-            mc.num_hidden_layers, mc.num_key_value_heads, head_dim, param.dtype, param.device
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            head_dim,
+            param.dtype,
+            param.device,
         )
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sinkserve-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="sinkserve-engine", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -147,13 +161,16 @@ class Engine:
         if len(system_ids) > cache_config.cache_size // 2:
             raise LimitExceeded(
                 f"the system prompt is {len(system_ids)} tokens; it is pinned in the "
-                f"cache and may take at most half of it ({cache_config.cache_size // 2})"
+                "cache and may take at most half of it "
+                f"({cache_config.cache_size // 2})"
             )
         with self._cond:
             if not self._accepting:
                 raise Unavailable("this worker is draining and takes no new sessions")
             if len(self.sessions) >= cfg.max_sessions:
-                raise LimitExceeded(f"this worker holds its limit of {cfg.max_sessions} sessions")
+                raise LimitExceeded(
+                    f"this worker holds its limit of {cfg.max_sessions} sessions"
+                )
             session_id = session_id or uuid.uuid4().hex
             if session_id in self.sessions:
                 raise InvalidRequest(f"session {session_id} already exists")
@@ -166,7 +183,9 @@ class Engine:
             )
             session = Session(session_id, cache, cache_config, sampling, system_ids)
             self.sessions[session_id] = session
-            self._decoders[session_id] = StreamDecoder(self.loaded.tokenizer, self.end_ids)
+            self._decoders[session_id] = StreamDecoder(
+                self.loaded.tokenizer, self.end_ids
+            )
             self._update_gauges()
         log.info(
             "session %s opened: cache %d+%d, %d system tokens",
@@ -183,19 +202,23 @@ class Engine:
             raise SessionNotFound(f"no session {session_id!r} on this worker")
         return session
 
-    def submit_turn(self, session_id: str, text: str, max_new_tokens: int | None = None) -> int:
+    def submit_turn(
+        self, session_id: str, text: str, max_new_tokens: int | None = None
+    ) -> int:
         """Queue a user turn; returns its turn number."""
         if not text.strip():
             raise InvalidRequest("the user turn is empty")
         limit = self.config.max_new_tokens_limit
         if max_new_tokens is not None and not 1 <= max_new_tokens <= limit:
-            raise InvalidRequest(f"max_new_tokens must be in [1, {limit}], got {max_new_tokens}")
+            raise InvalidRequest(
+                f"max_new_tokens must be in [1, {limit}], got {max_new_tokens}"
+            )
         with self._cond:
             session = self.get(session_id)
             if session.busy:
                 raise SessionBusy(
-                    f"session {session_id} is still {session.state.value}: wait for the "
-                    "turn to end (or interrupt it) before sending the next"
+                    f"session {session_id} is still {session.state.value}: wait "
+                    "for the turn to end before sending the next"
                 )
             first = session.num_turns == 0
             increment = self.chat.user_tokens(text, first, session.reply_closed)
@@ -241,16 +264,21 @@ class Engine:
             self._update_gauges()
         log.info("session %s closed", session_id)
 
-    def _cache_config(self, sink_size: int | None, window_size: int | None) -> CacheConfig:
+    def _cache_config(
+        self, sink_size: int | None, window_size: int | None
+    ) -> CacheConfig:
         cfg = self.config
         sink = cfg.sink_size if sink_size is None else sink_size
         window = cfg.window_size if window_size is None else window_size
         if sink < 0 or window < 1:
-            raise InvalidRequest(f"sink_size must be >= 0 and window_size >= 1 (got {sink}, {window})")
+            raise InvalidRequest(
+                f"sink_size must be >= 0 and window_size >= 1 (got {sink}, {window})"
+            )
         if sink > cfg.max_sink_size or window > cfg.max_window_size:
             raise LimitExceeded(
                 f"cache {sink}+{window} is over this worker's limits "
-                f"(sink_size <= {cfg.max_sink_size}, window_size <= {cfg.max_window_size})"
+                f"(sink_size <= {cfg.max_sink_size}, "
+                f"window_size <= {cfg.max_window_size})"
             )
         return CacheConfig(sink, window, min(cfg.evict_size, window))
 
@@ -390,7 +418,9 @@ class Engine:
         session.next_token = None
         reply = [t for t in turn.reply_ids if t not in self.end_ids]
         text = self.loaded.tokenizer.decode(reply)
-        self._decoders[session.session_id] = StreamDecoder(self.loaded.tokenizer, self.end_ids)
+        self._decoders[session.session_id] = StreamDecoder(
+            self.loaded.tokenizer, self.end_ids
+        )
         self._finish(session, reason, text)
 
     def _roll_back_turn(self, session: Session, reason: EndReason) -> None:
@@ -408,7 +438,9 @@ class Engine:
     def _finish(self, session: Session, reason: EndReason, text: str) -> None:
         turn = session.turn
         self.metrics.turns.labels(reason=reason.value).inc()
-        session.emit(TurnEndEvent(turn.turn, reason, turn.stats(session.cache.length), text))
+        session.emit(
+            TurnEndEvent(turn.turn, reason, turn.stats(session.cache.length), text)
+        )
         session.turn = None
 
     def _update_gauges(self) -> None:

@@ -48,7 +48,10 @@ class WorkerMetrics:
             f"{prefix}_evictions_total", "Eviction events sent to clients.", registry=r
         )
         self.turns = Counter(
-            f"{prefix}_turns_total", "Finished turns, by end reason.", ["reason"], registry=r
+            f"{prefix}_turns_total",
+            "Finished turns, by end reason.",
+            ["reason"],
+            registry=r,
         )
         self.errors = Counter(
             f"{prefix}_request_errors_total",

@@ -98,7 +98,9 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
 def _write_converted(gguf_path: Path, folder: Path) -> None:
     steps = tqdm(total=4, desc="converting GGUF", unit="step")
     steps.set_postfix_str("tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name
+    )
     tokenizer.save_pretrained(folder)
     steps.update()
 

@@ -7,7 +7,9 @@ import torch
 from worker.session import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> int:
     """logits [V] fp32 -> one token id; greedy when temperature is 0."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))

@@ -34,7 +34,9 @@ _CLIENT_DONE = object()  # the client half-closed its side of the stream
 _CLOSED = object()  # the session was closed; end the stream
 
 
-def sampling_from_pb(message: pb.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
+def sampling_from_pb(
+    message: pb.SamplingParams, default_max_new_tokens: int
+) -> SamplingParams:
     return SamplingParams(
         temperature=message.temperature,
         top_p=message.top_p or 1.0,
@@ -72,7 +74,10 @@ def event_to_pb(event: object) -> pb.ServerMessage:
             cache_length=s.cache_length,
         )
         end = pb.TurnEnd(
-            turn=event.turn, reason=_END_REASONS[event.reason], stats=stats, text=event.text
+            turn=event.turn,
+            reason=_END_REASONS[event.reason],
+            stats=stats,
+            text=event.text,
         )
         return pb.ServerMessage(turn_end=end)
     raise TypeError(f"no message for {type(event).__name__}")
@@ -192,12 +197,16 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
             pass
         outbox.put_nowait(_CLIENT_DONE)
 
-    def _handle(self, session: Session, message: pb.ClientMessage) -> pb.ServerMessage | None:
+    def _handle(
+        self, session: Session, message: pb.ClientMessage
+    ) -> pb.ServerMessage | None:
         kind = message.WhichOneof("kind")
         try:
             if kind == "user_turn":
                 turn = message.user_turn
-                self.engine.submit_turn(session.session_id, turn.text, turn.max_new_tokens or None)
+                self.engine.submit_turn(
+                    session.session_id, turn.text, turn.max_new_tokens or None
+                )
                 return None
             if kind == "close":
                 self.engine.close_session(session.session_id)
@@ -206,8 +215,12 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
             if kind in ("interrupt", "partial_user_turn", "ack"):
                 code = grpc.StatusCode.UNIMPLEMENTED
                 self._count_error(code)
-                return rpc.error_message(code, f"{kind} is not supported by this version")
-            raise InvalidRequest(f"{kind or 'an empty message'} is not valid mid-stream")
+                return rpc.error_message(
+                    code, f"{kind} is not supported by this version"
+                )
+            raise InvalidRequest(
+                f"{kind or 'an empty message'} is not valid mid-stream"
+            )
         except SinkserveError as error:
             code = rpc.status_of(error)
             self._count_error(code)

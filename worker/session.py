@@ -36,7 +36,9 @@ class SamplingParams:
 
     def validate(self, max_new_tokens_limit: int) -> None:
         if not 0.0 <= self.temperature <= 5.0:
-            raise InvalidRequest(f"temperature must be in [0, 5], got {self.temperature}")
+            raise InvalidRequest(
+                f"temperature must be in [0, 5], got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

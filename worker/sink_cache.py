@@ -107,7 +107,9 @@ class SinkCache:
         self._pin_target = max(self.sink_size, length)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v))
+        return sum(
+            t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v)
+        )
 
     def make_room(self, incoming: int) -> Eviction | None:
         """Evict before a forward pass so `incoming` tokens fit, if they can."""

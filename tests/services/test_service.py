@@ -21,7 +21,10 @@ from worker.engine import Engine, EngineConfig
 async def stack(tiny):
     loaded, reference = tiny
     config = EngineConfig(
-        window_size=1020, max_window_size=2000, max_turn_tokens=200, prefill_chunk_size=16
+        window_size=1020,
+        max_window_size=2000,
+        max_turn_tokens=200,
+        prefill_chunk_size=16,
     )
     engine = Engine(loaded, config)
     async with embedded_stack(engine) as running:
@@ -35,7 +38,9 @@ async def channel(stack):
         yield channel
 
 
-async def ask(conversation: Conversation, text: str, **kwargs) -> list[pb.ServerMessage]:
+async def ask(
+    conversation: Conversation, text: str, **kwargs
+) -> list[pb.ServerMessage]:
     return [m async for m in conversation.ask(text, **kwargs)]
 
 
@@ -90,21 +95,31 @@ async def expect_refused(awaitable, code: grpc.StatusCode) -> RequestRefused:
 
 
 async def test_unknown_session_is_not_found(channel):
-    await expect_refused(Conversation(channel).resume("no-such-session"), grpc.StatusCode.NOT_FOUND)
+    await expect_refused(
+        Conversation(channel).resume("no-such-session"), grpc.StatusCode.NOT_FOUND
+    )
 
 
 @pytest.mark.parametrize(
     ("open_kwargs", "code"),
     [
-        ({"sampling": pb.SamplingParams(temperature=9.0)}, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            {"sampling": pb.SamplingParams(temperature=9.0)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ({"sampling": pb.SamplingParams(top_p=-0.5)}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"sampling": pb.SamplingParams(top_k=-3)}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"window_size": 5000}, grpc.StatusCode.RESOURCE_EXHAUSTED),
         ({"sink_size": 500}, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ({"system_prompt": "long " * 600, "window_size": 100}, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (
+            {"system_prompt": "long " * 600, "window_size": 100},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
     ],
 )
-async def test_bad_opens_are_refused_and_leave_nothing(stack, channel, open_kwargs, code):
+async def test_bad_opens_are_refused_and_leave_nothing(
+    stack, channel, open_kwargs, code
+):
     await expect_refused(Conversation(channel).open(**open_kwargs), code)
     assert stack.engine.sessions == {}
 
@@ -116,7 +131,10 @@ def session_state(stack, session_id: str) -> tuple:
 
 @pytest.mark.parametrize(
     ("text", "code"),
-    [("", grpc.StatusCode.INVALID_ARGUMENT), ("many words " * 150, grpc.StatusCode.RESOURCE_EXHAUSTED)],
+    [
+        ("", grpc.StatusCode.INVALID_ARGUMENT),
+        ("many words " * 150, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
 )
 async def test_bad_turns_are_refused_in_stream(stack, channel, text, code):
     conversation = Conversation(channel)
@@ -173,7 +191,9 @@ async def test_health_and_reflection(stack):
 
 async def test_metrics_count_and_never_name_a_session(stack, channel):
     conversation = Conversation(channel)
-    await conversation.open(sampling=pb.SamplingParams(max_new_tokens=6), window_size=50)
+    await conversation.open(
+        sampling=pb.SamplingParams(max_new_tokens=6), window_size=50
+    )
     for question in QUESTIONS:
         await ask(conversation, question)
     metrics = stack.engine.metrics
@@ -190,7 +210,9 @@ async def test_metrics_count_and_never_name_a_session(stack, channel):
 async def test_client_disconnect_stops_generation(stack, channel):
     conversation = Conversation(channel)
     opened = await conversation.open(sampling=pb.SamplingParams(max_new_tokens=2000))
-    await conversation.send(pb.ClientMessage(user_turn=pb.UserTurn(text="Go on forever")))
+    await conversation.send(
+        pb.ClientMessage(user_turn=pb.UserTurn(text="Go on forever"))
+    )
     async for message in conversation.events():
         if message.WhichOneof("kind") == "token":
             break

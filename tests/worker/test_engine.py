@@ -21,7 +21,9 @@ def run_turn(engine: Engine, session, text: str, **kwargs) -> list:
     return events
 
 
-def reference_replies(engine: Engine, reference, questions, max_new_tokens, system=None):
+def reference_replies(
+    engine: Engine, reference, questions, max_new_tokens, system=None
+):
     """Greedy `generate` on the whole conversation, turn after turn."""
     chat = engine.chat
     context = chat.system_tokens(system)
@@ -77,7 +79,9 @@ def test_turn_stats_count_reuse(tiny):
 
 def test_long_turn_is_prefilled_in_chunks_with_evictions(tiny):
     loaded, _ = tiny
-    config = EngineConfig(sink_size=4, window_size=60, evict_size=8, prefill_chunk_size=16)
+    config = EngineConfig(
+        sink_size=4, window_size=60, evict_size=8, prefill_chunk_size=16
+    )
     engine = Engine(loaded, config)
     session = engine.open_session("Sys.", SamplingParams(max_new_tokens=20))
     long_text = " ".join(f"word{i}" for i in range(150))
@@ -86,8 +90,12 @@ def test_long_turn_is_prefilled_in_chunks_with_evictions(tiny):
     assert evictions, "a turn longer than the window must evict"
     assert session.cache.length <= 64
     pinned = session.cache.num_pinned
-    assert session.cache.token_ids[:pinned] == engine.chat.system_tokens("Sys.")[:pinned]
-    assert events[-1].stats.num_evicted == sum(e.eviction.num_evicted for e in evictions)
+    assert (
+        session.cache.token_ids[:pinned] == engine.chat.system_tokens("Sys.")[:pinned]
+    )
+    assert events[-1].stats.num_evicted == sum(
+        e.eviction.num_evicted for e in evictions
+    )
 
 
 def snapshot(session) -> tuple:

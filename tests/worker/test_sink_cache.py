@@ -12,7 +12,9 @@ from worker.runner import ModelRunner
 from worker.sink_cache import CacheShape, SinkCache
 
 
-def make_cache(loaded: LoadedModel, sink: int, window: int, evict: int = 1, headroom: int = 0):
+def make_cache(
+    loaded: LoadedModel, sink: int, window: int, evict: int = 1, headroom: int = 0
+):
     config = loaded.model.config
     head_dim = config.hidden_size // config.num_attention_heads
     shape = CacheShape(
@@ -53,7 +55,9 @@ def test_tiny_case_one_sink_window_three(tiny):
     # be those of tokens 0, 7, 8 and 9 exactly.
     layer = loaded.model.model.layers[0]
     with torch.no_grad():
-        hidden = layer.input_layernorm(loaded.model.model.embed_tokens(torch.tensor(token_ids)))
+        hidden = layer.input_layernorm(
+            loaded.model.model.embed_tokens(torch.tensor(token_ids))
+        )
         keys = layer.self_attn.k_proj(hidden).view(10, -1, cache.shape.head_dim)
     expected = keys[[0, 7, 8, 9]].transpose(0, 1)  # [KVH, 4, D]
     torch.testing.assert_close(cache.raw_keys()[0], expected)
