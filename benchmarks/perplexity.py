@@ -313,12 +313,16 @@ def stream_nll(
     num_tokens = len(token_ids)
     streams: list[_Stream] = []
     for spec in specs:
-        length = min(num_tokens, dense_tokens or num_tokens) if spec.dense else num_tokens
+        length = (
+            min(num_tokens, dense_tokens or num_tokens) if spec.dense else num_tokens
+        )
         cache = make_cache(spec, loaded, evict_size, length)
         if spec.dense:
             bounds = chunk_bounds(length, length, evict_size, dense_chunk)
         else:
-            bounds = chunk_bounds(length, cache.cache_size, cache.evict_size, fill_chunk)
+            bounds = chunk_bounds(
+                length, cache.cache_size, cache.evict_size, fill_chunk
+            )
         nll = np.full(num_tokens, np.nan)
         streams.append(_Stream(spec, cache, bounds, nll))
 
@@ -442,7 +446,9 @@ def markdown_tables(result: dict[str, Any]) -> str:
         cells = [_fmt(v) for v in config["range_ppl"]]
         last = config["range_ppl"][tail]
         ratio = last / dense_first if last is not None and dense_first else None
-        lines.append(f"| {config['label']} | " + " | ".join(cells) + f" | {_fmt(ratio)} |")
+        lines.append(
+            f"| {config['label']} | " + " | ".join(cells) + f" | {_fmt(ratio)} |"
+        )
 
     sa, sb = result["same_range"]
     lines += [
@@ -592,7 +598,9 @@ def run_text(
     body = austen_text(text)
     all_ids = loaded.tokenizer.encode(body, add_special_tokens=False, verbose=False)
     token_ids = all_ids[: args.tokens]
-    log.info("%s: %d tokens in the text, streaming %d", text, len(all_ids), len(token_ids))
+    log.info(
+        "%s: %d tokens in the text, streaming %d", text, len(all_ids), len(token_ids)
+    )
     began = time.perf_counter()
     nll, seconds = stream_nll(
         loaded,
@@ -682,7 +690,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         specs = _parse_configs(args.configs)
         # Dense and no-re-positioning caches rotate by text position.
-        loaded = load_model(resolve_model(args.model), max_positions=max(65536, args.tokens))
+        loaded = load_model(
+            resolve_model(args.model), max_positions=max(65536, args.tokens)
+        )
         for text in texts:
             result = run_text(text, loaded, specs, args)
             path = results_path(args.results_dir, text)

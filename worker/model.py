@@ -36,6 +36,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Decoder families whose attention applies a full rotary embedding to q and k
 # and then calls the attention interface: the cache can re-position them.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Rope variants whose rotation depends on the position alone.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def default_cache_dir() -> Path:
@@ -172,7 +174,10 @@ def prepare_model(
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
-    rotary = RotaryTables(model.model.rotary_emb, head_dim, max_positions)
+    # A fresh fp32 copy of the rotary module: a model cast to bf16 also casts
+    # its inverse frequencies, and positions deserve full precision.
+    rotary_fp32 = type(model.model.rotary_emb)(config=config).to(device)
+    rotary = RotaryTables(rotary_fp32, head_dim, max_positions)
     return LoadedModel(model, tokenizer, rotary, name, fingerprint(config))
 
 
@@ -190,6 +195,13 @@ def check_supported(model: PreTrainedModel) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError("partial rotary embeddings are not supported")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope type {rope_type!r} is not supported: its frequencies depend on "
+            "the sequence length, which in-cache positions do not follow; "
+            f"supported: {', '.join(STATIC_ROPE_TYPES)}"
+        )
 
 
 def fingerprint(config: object) -> str:
