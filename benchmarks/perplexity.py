@@ -28,10 +28,13 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
+import os
 import re
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ EXTRA_CONFIGS = ("1+252", "1+508", "8+252", "8+508")
 QUICK_CONFIGS = ("dense", "0+256", "4+252", "4+252-norepos")
 RESULTS_DIR = Path("benchmarks/results")
 IGNORE = -100  # cross_entropy's ignore_index: rows with no next token
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -300,14 +304,15 @@ def stream_nll(
     dense_tokens: int | None = None,
     max_batch_tokens: int = 2048,
     progress: bool = True,
+    progress_position: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per-token NLL of `token_ids` under each cache configuration.
 
     Returns {name: nll} with nll[i] the NLL of token i given tokens before it
     as the cache kept them (nan for token 0, and for dense past
-    `dense_tokens`), and the wall time of each group of streams. Dense caches
-    run in their own, larger chunks: their cost grows with the text, and a
-    dense chunk of any size is exact because nothing is ever evicted.
+    `dense_tokens`), and the wall and CPU seconds spent. Dense caches run in
+    their own, larger chunks: their cost grows with the text, and a dense
+    chunk of any size is exact because nothing is ever evicted.
     """
     runner = ModelRunner(loaded)
     num_tokens = len(token_ids)
@@ -327,6 +332,7 @@ def stream_nll(
         streams.append(_Stream(spec, cache, bounds, nll))
 
     seconds: dict[str, float] = {}
+    cpu_began = time.process_time()
     groups = {
         "windowed": [s for s in streams if not s.spec.dense],
         "dense": [s for s in streams if s.spec.dense],
@@ -337,7 +343,13 @@ def stream_nll(
         total = sum(s.bounds[-1][1] for s in members)
         names = ", ".join(s.spec.name for s in members)
         log.info("streaming %d tokens through %s", total, names)
-        bar = tqdm(total=total, desc=group, unit="tok", disable=not progress)
+        bar = tqdm(
+            total=total,
+            desc=f"{group} ({names})",
+            unit="tok",
+            disable=not progress,
+            position=progress_position,
+        )
         began = time.perf_counter()
         score_streams(runner, token_ids, members, max_batch_tokens, bar)
         seconds[group] = time.perf_counter() - began
@@ -345,10 +357,104 @@ def stream_nll(
         log.info(
             "%s: %.0f s, %.0f tokens/s", group, seconds[group], total / seconds[group]
         )
+    seconds["cpu"] = time.process_time() - cpu_began
     # Free the dense cache (gigabytes) before the caller moves on.
     for stream in streams:
         stream.cache = None  # type: ignore[assignment]
     return {s.spec.name: s.nll for s in streams}, seconds
+
+
+def estimated_cost(spec: CacheSpec, num_tokens: int, dense_tokens: int | None) -> float:
+    """Relative CPU cost of streaming one config, for balancing jobs.
+
+    Per token, the model's matmuls cost about as much as attending to 6,000
+    keys (measured on SmolLM2-135M); a dense cache attends to half the text on
+    average.
+    """
+    if spec.dense:
+        length = min(num_tokens, dense_tokens or num_tokens)
+        return length * (1 + length / 2 / 6000)
+    return num_tokens * (1 + (spec.sink_size + spec.window_size) / 6000)
+
+
+def split_jobs(
+    specs: Sequence[CacheSpec], num_tokens: int, dense_tokens: int | None, jobs: int
+) -> list[list[CacheSpec]]:
+    """Longest job first onto the least loaded worker; empty workers dropped."""
+    loads = [0.0] * jobs
+    groups: list[list[CacheSpec]] = [[] for _ in range(jobs)]
+    ranked = sorted(
+        specs, key=lambda s: estimated_cost(s, num_tokens, dense_tokens), reverse=True
+    )
+    for spec in ranked:
+        target = loads.index(min(loads))
+        groups[target].append(spec)
+        loads[target] += estimated_cost(spec, num_tokens, dense_tokens)
+    return [g for g in groups if g]
+
+
+def _job(
+    model_path: str,
+    max_positions: int,
+    threads: int,
+    position: int,
+    token_ids: list[int],
+    specs: list[CacheSpec],
+    options: dict[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One worker process: its own model copy, streaming its share of configs."""
+    from worker.model import load_model
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    torch.set_num_threads(threads)
+    loaded = load_model(Path(model_path), max_positions=max_positions)
+    return stream_nll(loaded, token_ids, specs, progress_position=position, **options)
+
+
+def stream_nll_in_jobs(
+    model_path: Path,
+    max_positions: int,
+    token_ids: Sequence[int],
+    specs: Sequence[CacheSpec],
+    jobs: int,
+    **options: Any,
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """`stream_nll` with the configs spread over single-threaded processes.
+
+    On a small shared CPU, separate processes of one thread each keep every
+    core busy without the OpenMP barriers that stall a multi-threaded pass
+    whenever another program takes a core for a moment.
+    """
+    groups = split_jobs(specs, len(token_ids), options.get("dense_tokens"), jobs)
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    context = multiprocessing.get_context("spawn")
+    nll: dict[str, np.ndarray] = {}
+    report = []
+    with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+        futures = [
+            pool.submit(
+                _job,
+                str(model_path),
+                max_positions,
+                threads,
+                position,
+                list(token_ids),
+                group,
+                options,
+            )
+            for position, group in enumerate(groups)
+        ]
+        for group, future in zip(groups, futures, strict=True):
+            values, seconds = future.result()
+            nll.update(values)
+            report.append(
+                {
+                    "configs": [s.name for s in group],
+                    "threads": threads,
+                    **{k: round(v, 1) for k, v in seconds.items()},
+                }
+            )
+    return nll, report
 
 
 # -- summaries ---------------------------------------------------------------
@@ -531,8 +637,9 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
             ax.set_ylim(bottom * 0.8, top * 1.5)
         ax.set_xlim(0, result["num_tokens"])
         title = TEXT_TITLES.get(result["text"], result["text"])
+        model = re.sub(r"-[0-9a-f]{12}$", "", result["model"])  # the cache digest
         ax.set_title(
-            f"{title}: perplexity per {bin_size:,}-token bin, {result['model']}, "
+            f"{title}: perplexity per {bin_size:,}-token bin, {model}, "
             f"eviction block {result['evict_size']}"
         )
         ax.set_xlabel("tokens streamed")
@@ -601,18 +708,28 @@ def run_text(
     log.info(
         "%s: %d tokens in the text, streaming %d", text, len(all_ids), len(token_ids)
     )
+    options = {
+        "evict_size": args.evict_size,
+        "fill_chunk": args.fill_chunk,
+        "dense_chunk": args.dense_chunk,
+        "dense_tokens": args.dense_tokens,
+        "max_batch_tokens": args.max_batch_tokens,
+    }
     began = time.perf_counter()
-    nll, seconds = stream_nll(
-        loaded,
-        token_ids,
-        specs,
-        evict_size=args.evict_size,
-        fill_chunk=args.fill_chunk,
-        dense_chunk=args.dense_chunk,
-        dense_tokens=args.dense_tokens,
-        max_batch_tokens=args.max_batch_tokens,
-    )
-    seconds["total"] = time.perf_counter() - began
+    if args.jobs > 1:
+        nll, jobs = stream_nll_in_jobs(
+            args.model_path, args.max_positions, token_ids, specs, args.jobs, **options
+        )
+    else:
+        nll, seconds = stream_nll(loaded, token_ids, specs, **options)
+        jobs = [
+            {
+                "configs": [s.name for s in specs],
+                "threads": torch.get_num_threads(),
+                **{k: round(v, 1) for k, v in seconds.items()},
+            }
+        ]
+    wall = time.perf_counter() - began
     meta = {
         "model": loaded.name,
         "model_fingerprint": loaded.fingerprint,
@@ -623,10 +740,38 @@ def run_text(
         "dense_chunk": args.dense_chunk,
         "dense_tokens": args.dense_tokens,
         "trained_context": int(loaded.config.max_position_embeddings),
-        "torch_threads": torch.get_num_threads(),
-        "wall_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "runs": [
+            {
+                "configs": [s.name for s in specs],
+                "wall_seconds": round(wall, 1),
+                "jobs": jobs,
+            }
+        ],
     }
     return summarize(text, nll, specs, meta, args.bin_size)
+
+
+# What must agree for two runs' configs to sit in one table.
+_COMPARABLE = ("model_fingerprint", "num_tokens", "evict_size", "bin_size")
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Add a run's configs to the saved ones of the same setup.
+
+    A later run of some configs (say the extra ones) keeps the others; a
+    config run again replaces its old numbers. Runs of another setup start
+    over.
+    """
+    if any(old.get(key) != new.get(key) for key in _COMPARABLE):
+        log.info("saved results of %s are from another setup; replacing", new["text"])
+        return new
+    rerun = {c["name"] for c in new["configs"]}
+    kept = [c for c in old["configs"] if c["name"] not in rerun]
+    order = {name: i for i, name in enumerate(CORE_CONFIGS + EXTRA_CONFIGS)}
+    configs = sorted(
+        kept + new["configs"], key=lambda c: order.get(c["name"], len(order))
+    )
+    return {**new, "configs": configs, "runs": old.get("runs", []) + new["runs"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -657,10 +802,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes to spread the configs over, one thread each when there "
+        "are as many as cores (default: the number of cores; 1 runs every "
+        "config in this process, packed into shared passes)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run of a few configs on 1,536 tokens; outputs go to a "
         "temporary folder unless --out-dir/--results-dir say otherwise",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="drop the saved configs this run does not repeat (by default they "
+        "are kept when the model, tokens, eviction block and bins match)",
     )
     parser.add_argument(
         "--plot-only",
@@ -668,9 +827,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="redraw the plot and tables from the saved JSON, run no model",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     scratch = Path(tempfile.gettempdir()) / "sinkserve-perplexity-quick"
     quick = args.quick
@@ -689,16 +846,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         from worker.model import load_model, resolve_model
 
         specs = _parse_configs(args.configs)
+        args.model_path = resolve_model(args.model)
         # Dense and no-re-positioning caches rotate by text position.
-        loaded = load_model(
-            resolve_model(args.model), max_positions=max(65536, args.tokens)
-        )
+        args.max_positions = max(65536, args.tokens)
+        loaded = load_model(args.model_path, max_positions=args.max_positions)
         for text in texts:
             result = run_text(text, loaded, specs, args)
+            log.info("%s took %.0f s", text, result["runs"][-1]["wall_seconds"])
             path = results_path(args.results_dir, text)
+            if path.is_file() and not args.replace:
+                result = merge_results(json.loads(path.read_text()), result)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1) + "\n")
-            log.info("wrote %s (%.0f s)", path, result["wall_seconds"]["total"])
+            log.info("wrote %s", path)
             results[text] = result
 
     # The figure shows every text with saved results, not only this run's.

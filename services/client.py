@@ -103,6 +103,20 @@ class Conversation:
                 )
             yield message
 
+    async def interrupt(
+        self, heard_tokens: int | None = None, heard_chars: int | None = None
+    ) -> None:
+        """Barge in: the listener heard this much of the newest reply."""
+        message = pb.Interrupt()
+        if heard_tokens is not None:
+            message.heard_tokens = heard_tokens
+        elif heard_chars is not None:
+            message.heard_chars = heard_chars
+        await self.send(pb.ClientMessage(interrupt=message))
+
+    async def ack(self, played_tokens: int) -> None:
+        await self.send(pb.ClientMessage(ack=pb.Ack(played_tokens=played_tokens)))
+
     async def close(self) -> None:
         """Close the session on the server (its cache is freed), then the stream."""
         if self._call is None:

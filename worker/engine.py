@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker import barge_in
 from worker.chat import ChatFormat
 from worker.detokenizer import StreamDecoder
 from worker.errors import (
@@ -32,8 +33,10 @@ from worker.runner import ModelRunner
 from worker.sampling import sample
 from worker.session import (
     CacheConfig,
+    Cut,
     EndReason,
     EvictionEvent,
+    InterruptedEvent,
     SamplingParams,
     Session,
     SessionState,
@@ -100,6 +103,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self._decoders: dict[str, StreamDecoder] = {}
         self._prefill_queue: list[str] = []
+        self._in_flight: set[str] = set()
         self._cond = threading.Condition()
         self._accepting = True
         self._stopped = False
@@ -216,34 +220,96 @@ class Engine:
         with self._cond:
             session = self.get(session_id)
             if session.busy:
+                if session.turn.heard_limit is not None and session.queued_turn is None:
+                    # Interrupted, not yet cut: this turn follows the cut.
+                    self._check_turn_size(session, text, reply_closed=False)
+                    session.queued_turn = (text, max_new_tokens)
+                    return session.turn.turn + 1
                 raise SessionBusy(
                     f"session {session_id} is still {session.state.value}: wait "
-                    "for the turn to end before sending the next"
+                    "for the turn to end (or interrupt it) before sending the next"
                 )
-            first = session.num_turns == 0
-            increment = self.chat.user_tokens(text, first, session.reply_closed)
-            if len(increment) > self.config.max_turn_tokens:
-                raise LimitExceeded(
-                    f"the turn is {len(increment)} tokens; this worker's limit is "
-                    f"{self.config.max_turn_tokens}"
-                )
-            turn = session.num_turns + 1
-            session.turn = TurnProgress(
-                turn=turn,
-                max_new_tokens=max_new_tokens or session.sampling.max_new_tokens,
-                submitted_s=time.perf_counter(),
-                num_reused=session.cache.length,
-                base_length=session.cache.length,
-                saved_pending=list(session.pending),
-                to_prefill=session.pending + [(t, turn) for t in increment],
+            increment = self._check_turn_size(session, text, session.reply_closed)
+            return self._start_turn(session, increment, max_new_tokens)
+
+    def _check_turn_size(
+        self, session: Session, text: str, reply_closed: bool
+    ) -> list[int]:
+        first = session.num_turns == 0
+        increment = self.chat.user_tokens(text, first, reply_closed)
+        if len(increment) > self.config.max_turn_tokens:
+            raise LimitExceeded(
+                f"the turn is {len(increment)} tokens; this worker's limit is "
+                f"{self.config.max_turn_tokens}"
             )
-            session.num_turns = turn
-            session.pending = []
-            session.state = SessionState.PREFILLING
-            self._prefill_queue.append(session_id)
-            self.metrics.tokens_reused.inc(session.cache.length)
+        return increment
+
+    def _start_turn(
+        self, session: Session, increment: list[int], max_new_tokens: int | None
+    ) -> int:
+        turn = session.num_turns + 1
+        session.turn = TurnProgress(
+            turn=turn,
+            max_new_tokens=max_new_tokens or session.sampling.max_new_tokens,
+            submitted_s=time.perf_counter(),
+            num_reused=session.cache.length,
+            base_length=session.cache.length,
+            saved_pending=list(session.pending),
+            to_prefill=session.pending + [(t, turn) for t in increment],
+            previous=session.last_turn,
+        )
+        session.last_turn = None
+        session.num_turns = turn
+        session.pending = []
+        session.state = SessionState.PREFILLING
+        self._prefill_queue.append(session.session_id)
+        self.metrics.tokens_reused.inc(session.cache.length)
+        self._cond.notify_all()
+        return turn
+
+    def interrupt(
+        self,
+        session_id: str,
+        heard_tokens: int | None = None,
+        heard_chars: int | None = None,
+    ) -> None:
+        """The user barged in: keep only the heard part of the newest reply.
+
+        A reply still being generated stops at the next step; a finished
+        one is cut at once if the heard point lies inside it. Without a
+        heard point, the last acknowledgement is the heard point.
+        """
+        kind = "acked"
+        if heard_tokens is not None:
+            kind = "tokens"
+        elif heard_chars is not None:
+            kind = "chars"
+        with self._cond:
+            session = self.get(session_id)
+            turn = session.turn if session.busy else session.last_turn
+            if turn is None:
+                raise SessionBusy(f"session {session_id} has no reply to interrupt")
+            heard = barge_in.resolve_heard(turn, heard_tokens, heard_chars)
+            self.metrics.interruptions.labels(kind=kind).inc()
+            if not session.busy:
+                cut = barge_in.cut_reply(session, turn, heard, self.end_ids)
+                self._report_cut(session, cut, kind)
+                return
+            previous = turn.heard_limit
+            turn.heard_limit = heard if previous is None else min(previous, heard)
+            turn.interrupt_kind = kind
+            generating = session.state is SessionState.GENERATING
+            if generating and session_id not in self._in_flight:
+                self._finish_interrupted(session)
             self._cond.notify_all()
-            return turn
+
+    def acknowledge(self, session_id: str, played_tokens: int) -> None:
+        """The client has played the reply's first `played_tokens` tokens."""
+        with self._cond:
+            session = self.get(session_id)
+            turn = session.turn if session.busy else session.last_turn
+            if turn is not None:
+                turn.num_acked = max(turn.num_acked, played_tokens)
 
     def cancel_turn(self, session_id: str) -> None:
         """Stop the session's turn at the next step (no-op when idle)."""
@@ -251,6 +317,7 @@ class Engine:
             session = self.sessions.get(session_id)
             if session is not None and session.turn is not None and session.busy:
                 session.turn.cancelled = True
+                session.queued_turn = None
                 self._cond.notify_all()
 
     def close_session(self, session_id: str) -> None:
@@ -304,6 +371,7 @@ class Engine:
         started = time.perf_counter()
         with self._cond:
             items = self._plan()
+            self._in_flight = {item.session.session_id for item in items}
         if not items:
             return 0
         work = [(i.session.cache, i.token_ids, i.turn_ids) for i in items]
@@ -312,10 +380,12 @@ class Engine:
         except Exception:
             log.exception("forward pass failed; ending the turns it carried")
             with self._cond:
+                self._in_flight = set()
                 for item in items:
                     self._end_turn(item.session, EndReason.ERROR)
             return len(items)
         with self._cond:
+            self._in_flight = set()
             for row, item in enumerate(items):
                 self._apply(item, logits[row], evictions[row])
             self._update_gauges()
@@ -329,6 +399,9 @@ class Engine:
                 continue
             if session.turn.cancelled:
                 self._end_turn(session, EndReason.CANCELLED)
+                continue
+            if session.turn.heard_limit is not None:
+                self._finish_interrupted(session)
                 continue
             turn = session.turn.turn
             items.append(_Item(session, [session.next_token], [turn], decode=True))
@@ -376,8 +449,13 @@ class Engine:
             if turn.to_prefill:
                 return
             self._prefill_queue.remove(session.session_id)
+        else:
+            turn.num_pending_reply = 0  # the fed token is cached now
         if turn.cancelled:
             self._end_turn(session, EndReason.CANCELLED)
+            return
+        if turn.heard_limit is not None:
+            self._finish_interrupted(session)
             return
         token = sample(logits, session.sampling, session.generator)
         self._take_token(session, token)
@@ -392,12 +470,14 @@ class Engine:
             self.metrics.itl.observe(now - turn.last_token_s)
         turn.last_token_s = now
         turn.reply_ids.append(token)
+        turn.num_pending_reply = 1
         session.next_token = token
         self.metrics.tokens_generated.inc()
         if token in self.end_ids:
             self._end_turn(session, EndReason.STOP)
             return
         text = self._decoders[session.session_id].push(token)
+        turn.delta_texts.append(text)
         index = len(turn.reply_ids) - 1
         session.emit(TokenEvent(turn.turn, index, token, text))
         if len(turn.reply_ids) >= turn.max_new_tokens:
@@ -434,6 +514,7 @@ class Engine:
         if session.session_id in self._prefill_queue:
             self._prefill_queue.remove(session.session_id)
         self._finish(session, reason, "")
+        session.last_turn = turn.previous
 
     def _finish(self, session: Session, reason: EndReason, text: str) -> None:
         turn = session.turn
@@ -442,6 +523,31 @@ class Engine:
             TurnEndEvent(turn.turn, reason, turn.stats(session.cache.length), text)
         )
         session.turn = None
+        session.last_turn = turn
+        if session.queued_turn is not None:
+            text, max_new_tokens = session.queued_turn
+            session.queued_turn = None
+            increment = self.chat.user_tokens(text, False, session.reply_closed)
+            self._start_turn(session, increment, max_new_tokens)
+
+    def _finish_interrupted(self, session: Session) -> None:
+        """Apply a pending interruption: cut the reply, end the turn."""
+        turn = session.turn
+        if session.session_id in self._prefill_queue:
+            self._prefill_queue.remove(session.session_id)
+        cut = barge_in.cut_reply(session, turn, turn.heard_limit, self.end_ids)
+        session.state = SessionState.IDLE
+        session.next_token = None
+        self._decoders[session.session_id] = StreamDecoder(
+            self.loaded.tokenizer, self.end_ids
+        )
+        self._report_cut(session, cut, turn.interrupt_kind)
+        turn.heard_limit = None
+        self._finish(session, EndReason.INTERRUPTED, cut.text)
+
+    def _report_cut(self, session: Session, cut: Cut, kind: str) -> None:
+        self.metrics.tokens_rolled_back.inc(cut.num_rolled_back)
+        session.emit(InterruptedEvent(cut, kind))
 
     def _update_gauges(self) -> None:
         caches = [s.cache for s in self.sessions.values()]

@@ -59,6 +59,24 @@ class WorkerMetrics:
             ["code"],
             registry=r,
         )
+        self.interruptions = Counter(
+            f"{prefix}_interruptions_total",
+            "User interruptions, by how the heard point was given.",
+            ["kind"],
+            registry=r,
+        )
+        self.tokens_rolled_back = Counter(
+            f"{prefix}_tokens_rolled_back_total",
+            "Reply tokens discarded by interruptions.",
+            registry=r,
+        )
+        self.interruption_latency = Histogram(
+            f"{prefix}_interruption_latency_seconds",
+            "From an interruption's arrival to the event that confirms the cut "
+            "(no reply token follows it).",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.active_sessions = Gauge(
             f"{prefix}_active_sessions", "Sessions held by this worker.", registry=r
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +17,7 @@ from worker.errors import InvalidRequest, SinkserveError
 from worker.session import (
     EndReason,
     EvictionEvent,
+    InterruptedEvent,
     SamplingParams,
     Session,
     TokenEvent,
@@ -29,6 +31,7 @@ _END_REASONS = {
     EndReason.LENGTH: pb.END_REASON_LENGTH,
     EndReason.CANCELLED: pb.END_REASON_CANCELLED,
     EndReason.ERROR: pb.END_REASON_ERROR,
+    EndReason.INTERRUPTED: pb.END_REASON_INTERRUPTED,
 }
 _CLIENT_DONE = object()  # the client half-closed its side of the stream
 _CLOSED = object()  # the session was closed; end the stream
@@ -80,6 +83,25 @@ def event_to_pb(event: object) -> pb.ServerMessage:
             text=event.text,
         )
         return pb.ServerMessage(turn_end=end)
+    if isinstance(event, InterruptedEvent):
+        cut = event.cut
+        warning = ""
+        if cut.clamped:
+            warning = f"heard point past the reply's {cut.num_kept} tokens; clamped"
+        if cut.num_lost:
+            warning += (
+                f"{'; ' if warning else ''}{cut.num_lost} heard tokens were evicted"
+            )
+        interrupted = pb.Interrupted(
+            turn=cut.turn,
+            num_kept=cut.num_kept,
+            num_rolled_back=cut.num_rolled_back,
+            num_lost=cut.num_lost,
+            clamped=cut.clamped,
+            text=cut.text,
+            warning=warning,
+        )
+        return pb.ServerMessage(interrupted=interrupted)
     raise TypeError(f"no message for {type(event).__name__}")
 
 
@@ -123,7 +145,10 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
             loop.call_soon_threadsafe(outbox.put_nowait, event)
 
         session.sink = sink
-        reader = asyncio.create_task(self._read(session, request_iterator, outbox))
+        interrupts: list[float] = []  # arrival times of interruptions in flight
+        reader = asyncio.create_task(
+            self._read(session, request_iterator, outbox, interrupts)
+        )
         try:
             yield self._opened(session, resumed)
             client_done = False
@@ -137,6 +162,9 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                     yield item
                 else:
                     yield event_to_pb(item)
+                    if isinstance(item, InterruptedEvent) and interrupts:
+                        latency_s = time.perf_counter() - interrupts.pop(0)
+                        self.engine.metrics.interruption_latency.observe(latency_s)
                 if client_done and not session.busy and outbox.empty():
                     return
         finally:
@@ -182,10 +210,11 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         session: Session,
         request_iterator: AsyncIterator[pb.ClientMessage],
         outbox: asyncio.Queue[object],
+        interrupts: list[float],
     ) -> None:
         try:
             async for message in request_iterator:
-                reply = self._handle(session, message)
+                reply = self._handle(session, message, interrupts)
                 if reply is not None:
                     outbox.put_nowait(reply)
                 if message.WhichOneof("kind") == "close":
@@ -198,9 +227,10 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         outbox.put_nowait(_CLIENT_DONE)
 
     def _handle(
-        self, session: Session, message: pb.ClientMessage
+        self, session: Session, message: pb.ClientMessage, interrupts: list[float]
     ) -> pb.ServerMessage | None:
         kind = message.WhichOneof("kind")
+        received_s = time.perf_counter()
         try:
             if kind == "user_turn":
                 turn = message.user_turn
@@ -212,7 +242,24 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 self.engine.close_session(session.session_id)
                 closed = pb.SessionClosed(session_id=session.session_id)
                 return pb.ServerMessage(closed=closed)
-            if kind in ("interrupt", "partial_user_turn", "ack"):
+            if kind == "interrupt":
+                interrupt = message.interrupt
+                which = interrupt.WhichOneof("heard")
+                self.engine.interrupt(
+                    session.session_id,
+                    heard_tokens=interrupt.heard_tokens
+                    if which == "heard_tokens"
+                    else None,
+                    heard_chars=interrupt.heard_chars
+                    if which == "heard_chars"
+                    else None,
+                )
+                interrupts.append(received_s)
+                return None
+            if kind == "ack":
+                self.engine.acknowledge(session.session_id, message.ack.played_tokens)
+                return None
+            if kind == "partial_user_turn":
                 code = grpc.StatusCode.UNIMPLEMENTED
                 self._count_error(code)
                 return rpc.error_message(

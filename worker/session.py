@@ -93,6 +93,7 @@ class EndReason(enum.Enum):
     STOP = "stop"  # the model ended its reply
     LENGTH = "length"  # max_new_tokens reached
     CANCELLED = "cancelled"  # the client went away or cancelled
+    INTERRUPTED = "interrupted"  # the user barged in; cut to what was heard
     ERROR = "error"  # the worker failed while running the turn
 
 
@@ -104,7 +105,25 @@ class TurnEndEvent:
     text: str
 
 
-Event = TokenEvent | EvictionEvent | TurnEndEvent
+@dataclass(frozen=True)
+class Cut:
+    """The outcome of one interruption."""
+
+    turn: int
+    num_kept: int  # reply tokens kept (the heard ones)
+    num_rolled_back: int  # reply tokens discarded
+    num_lost: int  # heard tokens that had already been evicted
+    clamped: bool  # the listener claimed more than was generated
+    text: str  # the kept reply text
+
+
+@dataclass(frozen=True)
+class InterruptedEvent:
+    cut: Cut
+    kind: str  # how the heard point was given: tokens, chars or acked
+
+
+Event = TokenEvent | EvictionEvent | TurnEndEvent | InterruptedEvent
 EventSink = Callable[[Event], None]
 
 
@@ -122,6 +141,12 @@ class TurnProgress:
     num_prefilled: int = 0
     num_evicted: int = 0
     reply_ids: list[int] = field(default_factory=list)
+    delta_texts: list[str] = field(default_factory=list)  # text of each reply token
+    num_pending_reply: int = 0  # 1 while the last sampled token is not yet fed
+    num_acked: int = 0  # reply tokens the client said it played
+    heard_limit: int | None = None  # set by an interruption not yet applied
+    interrupt_kind: str = ""
+    previous: TurnProgress | None = None  # the turn before, restored on rollback
     first_token_s: float | None = None
     last_token_s: float | None = None
     cancelled: bool = False
@@ -169,6 +194,8 @@ class Session:
         self.reply_closed = True  # the last reply ended with end-of-turn
         self.num_turns = 0
         self.turn: TurnProgress | None = None
+        self.last_turn: TurnProgress | None = None  # the newest finished turn
+        self.queued_turn: tuple[str, int | None] | None = None  # after a barge-in
         self.next_token: int | None = None  # sampled, to feed in the next decode
         self.sink: EventSink | None = None
         self.generator = torch.Generator()

@@ -40,6 +40,8 @@ class _EndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndReason.V
     """The client cancelled or went away."""
     END_REASON_ERROR: _EndReason.ValueType  # 4
     """The worker failed; the turn left no trace in the session."""
+    END_REASON_INTERRUPTED: _EndReason.ValueType  # 5
+    """The user interrupted; the reply was cut to what was heard."""
 
 class EndReason(_EndReason, metaclass=_EndReasonEnumTypeWrapper):
     """Why a reply ended."""
@@ -54,6 +56,8 @@ END_REASON_CANCELLED: EndReason.ValueType  # 3
 """The client cancelled or went away."""
 END_REASON_ERROR: EndReason.ValueType  # 4
 """The worker failed; the turn left no trace in the session."""
+END_REASON_INTERRUPTED: EndReason.ValueType  # 5
+"""The user interrupted; the reply was cut to what was heard."""
 Global___EndReason: _TypeAlias = EndReason  # noqa: Y015
 
 @_typing.final
@@ -279,8 +283,13 @@ Global___UserTurn: _TypeAlias = UserTurn  # noqa: Y015
 
 @_typing.final
 class Interrupt(_message.Message):
-    """Barge-in: the user spoke over the reply. Reserved in this version: the
-    server answers UNIMPLEMENTED until interruption is implemented.
+    """Barge-in: the user spoke over the newest reply. A reply being generated
+    stops at the next decode step; a finished one is cut if the heard point
+    lies inside it. The session keeps exactly the heard tokens followed by the
+    end-of-turn marker. With neither field set, the heard point is the last
+    `Ack`. The server answers with `Interrupted`, then (for a reply still being
+    generated) `TurnEnd` with END_REASON_INTERRUPTED. A user turn sent right
+    after an interruption always follows the cut reply.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -288,9 +297,11 @@ class Interrupt(_message.Message):
     HEARD_TOKENS_FIELD_NUMBER: _builtins.int
     HEARD_CHARS_FIELD_NUMBER: _builtins.int
     heard_tokens: _builtins.int
-    """Tokens of the reply the user heard (deltas carry token indices)."""
+    """Reply tokens the user heard: those with index < heard_tokens."""
     heard_chars: _builtins.int
-    """Characters of the streamed reply text the user heard."""
+    """Characters (Unicode code points) of the streamed reply text the user
+    heard; a token counts as heard only if all its text lies within them.
+    """
     def __init__(
         self,
         *,
@@ -335,7 +346,7 @@ Global___PartialUserTurn: _TypeAlias = PartialUserTurn  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
-    """Acknowledgement of played tokens. Reserved in this version."""
+    """Acknowledgement of played tokens, for interruptions without a heard point."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -387,6 +398,7 @@ class ServerMessage(_message.Message):
     EVICTION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
+    INTERRUPTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened:
         """The session is open (or resumed) on this stream."""
@@ -411,6 +423,10 @@ class ServerMessage(_message.Message):
     def closed(self) -> Global___SessionClosed:
         """The session was closed at the client's request."""
 
+    @_builtins.property
+    def interrupted(self) -> Global___Interrupted:
+        """Where an interruption cut the reply."""
+
     def __init__(
         self,
         *,
@@ -420,12 +436,13 @@ class ServerMessage(_message.Message):
         eviction: Global___EvictionNotice | None = ...,
         error: Global___Error | None = ...,
         closed: Global___SessionClosed | None = ...,
+        interrupted: Global___Interrupted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "kind", b"kind", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "interrupted", b"interrupted", "kind", b"kind", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "kind", b"kind", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "interrupted", b"interrupted", "kind", b"kind", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "token", "turn_end", "eviction", "error", "closed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "token", "turn_end", "eviction", "error", "closed", "interrupted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -636,6 +653,52 @@ class EvictionNotice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvictionNotice: _TypeAlias = EvictionNotice  # noqa: Y015
+
+@_typing.final
+class Interrupted(_message.Message):
+    """The outcome of an interruption."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    NUM_KEPT_FIELD_NUMBER: _builtins.int
+    NUM_ROLLED_BACK_FIELD_NUMBER: _builtins.int
+    NUM_LOST_FIELD_NUMBER: _builtins.int
+    CLAMPED_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    turn: _builtins.int
+    """The turn whose reply was cut."""
+    num_kept: _builtins.int
+    """Reply tokens kept: the heard ones."""
+    num_rolled_back: _builtins.int
+    """Reply tokens discarded from the cache and the session."""
+    num_lost: _builtins.int
+    """Heard tokens that had already left the window and could not be kept."""
+    clamped: _builtins.bool
+    """True when the heard point was past the end of the reply and was clamped."""
+    text: _builtins.str
+    """The reply text as committed."""
+    warning: _builtins.str
+    """A note for a person, e.g. why the heard point was clamped; may be empty."""
+    def __init__(
+        self,
+        *,
+        turn: _builtins.int = ...,
+        num_kept: _builtins.int = ...,
+        num_rolled_back: _builtins.int = ...,
+        num_lost: _builtins.int = ...,
+        clamped: _builtins.bool = ...,
+        text: _builtins.str = ...,
+        warning: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clamped", b"clamped", "num_kept", b"num_kept", "num_lost", b"num_lost", "num_rolled_back", b"num_rolled_back", "text", b"text", "turn", b"turn", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interrupted: _TypeAlias = Interrupted  # noqa: Y015
 
 @_typing.final
 class Error(_message.Message):
