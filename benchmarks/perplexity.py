@@ -87,11 +87,11 @@ class CacheSpec:
     def label(self) -> str:
         if self.dense:
             return "dense (no eviction)"
+        sinks = "sink" if self.sink_size == 1 else "sinks"
         if not self.reposition:
-            return f"{self.sink_size} sinks + {self.window_size}, no re-positioning"
+            return f"{self.sink_size} {sinks} + {self.window_size}, no re-positioning"
         if self.sink_size == 0:
             return f"window only ({self.window_size})"
-        sinks = "sink" if self.sink_size == 1 else "sinks"
         return f"{self.sink_size} {sinks} + {self.window_size}"
 
     @classmethod
@@ -617,17 +617,18 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
             if config["name"] != "dense":
                 windowed.append(ppl)
         context = result["trained_context"]
-        ax.axvline(context, color="grey", linestyle=":", linewidth=1)
-        ax.text(
-            context,
-            1.0,
-            f" trained context ({context:,})",
-            transform=ax.get_xaxis_transform(),
-            va="top",
-            ha="left",
-            fontsize=9,
-            color="grey",
-        )
+        if context < result["num_tokens"]:
+            ax.axvline(context, color="grey", linestyle=":", linewidth=1)
+            ax.text(
+                context,
+                1.0,
+                f" trained context ({context:,})",
+                transform=ax.get_xaxis_transform(),
+                va="top",
+                ha="left",
+                fontsize=9,
+                color="grey",
+            )
         ax.set_yscale("log")
         # Dense explodes past its trained context; cap the axis so that the
         # windowed caches stay readable, and let dense leave the plot.

@@ -70,6 +70,10 @@ class RedisSnapshotStore:
 
     One writer per session at a time is assumed (the worker holding it);
     concurrent puts still leave one complete snapshot, the last switched.
+    Session ids are limited to [A-Za-z0-9_.-] so that no session's keys can
+    fall under another's. A Redis that is down or slow raises
+    StoreUnavailable after `retries` quick retries and `timeout_s` per
+    socket operation, so a caller learns in seconds rather than hanging.
     """
 
     def __init__(

@@ -60,13 +60,21 @@ class ChatFormat:
         end-of-turn token; otherwise (cut short, or interrupted) the increment
         closes it.
         """
-        p = self.pieces
+        return self.encode(
+            self._lead(first, reply_closed) + text + self.pieces.user_suffix
+        )
+
+    def user_tokens_open(self, text: str, first: bool, reply_closed: bool) -> list[int]:
+        """A user turn still being spoken: its increment without the closing."""
+        return self.encode(self._lead(first, reply_closed) + text)
+
+    def _lead(self, first: bool, reply_closed: bool) -> str:
         if first:
-            return self.encode(p.user_prefix_first + text + p.user_suffix)
-        lead = p.after_reply
+            return self.pieces.user_prefix_first
+        lead = self.pieces.after_reply
         if reply_closed and lead.startswith(self.end_of_turn_text):
             lead = lead[len(self.end_of_turn_text) :]
-        return self.encode(lead + text + p.user_suffix)
+        return lead
 
 
 def _render(tokenizer: object, messages: list[dict], generation: bool) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker import barge_in
+from worker import barge_in, duplex
 from worker.chat import ChatFormat
 from worker.detokenizer import StreamDecoder
 from worker.errors import (
@@ -219,6 +219,9 @@ class Engine:
             )
         with self._cond:
             session = self.get(session_id)
+            if session.busy and session.turn.draft:
+                self._update_draft(session, text, final=True)
+                return session.turn.turn
             if session.busy:
                 if session.turn.heard_limit is not None and session.queued_turn is None:
                     # Interrupted, not yet cut: this turn follows the cut.
@@ -257,6 +260,8 @@ class Engine:
             saved_pending=list(session.pending),
             to_prefill=session.pending + [(t, turn) for t in increment],
             previous=session.last_turn,
+            first=session.num_turns == 0,
+            lead_closed=session.reply_closed,
         )
         session.last_turn = None
         session.num_turns = turn
@@ -266,6 +271,39 @@ class Engine:
         self.metrics.tokens_reused.inc(session.cache.length)
         self._cond.notify_all()
         return turn
+
+    def partial_turn(self, session_id: str, text: str, final: bool) -> int:
+        """A user turn still being spoken: prefill its stable part now.
+
+        Each call replaces the previous partial text; the final one starts
+        the reply. Returns the turn number.
+        """
+        if final and not text.strip():
+            raise InvalidRequest("the final text of the user turn is empty")
+        with self._cond:
+            session = self.get(session_id)
+            if session.busy and not session.turn.draft:
+                raise SessionBusy(
+                    f"session {session_id} is still {session.state.value}: interrupt "
+                    "or wait for the reply before streaming the next turn"
+                )
+            if not session.busy:
+                self._check_turn_size(session, text, session.reply_closed)
+                self._start_turn(session, [], None)
+                session.turn.streamed = True
+                session.turn.draft = True
+            self._update_draft(session, text, final)
+            return session.turn.turn
+
+    def _update_draft(self, session: Session, text: str, final: bool) -> None:
+        self._check_turn_size(session, text, session.turn.lead_closed)
+        session.turn.draft_update = (text, final)
+        if final:
+            session.turn.submitted_s = time.perf_counter()
+        if session.state is SessionState.LISTENING:
+            session.state = SessionState.PREFILLING
+            self._prefill_queue.append(session.session_id)
+        self._cond.notify_all()
 
     def interrupt(
         self,
@@ -289,6 +327,11 @@ class Engine:
             turn = session.turn if session.busy else session.last_turn
             if turn is None:
                 raise SessionBusy(f"session {session_id} has no reply to interrupt")
+            if turn.streamed:
+                raise SessionBusy(
+                    "a user turn is being streamed: interrupt the reply before "
+                    "streaming the next turn"
+                )
             heard = barge_in.resolve_heard(turn, heard_tokens, heard_chars)
             self.metrics.interruptions.labels(kind=kind).inc()
             if not session.busy:
@@ -318,6 +361,8 @@ class Engine:
             if session is not None and session.turn is not None and session.busy:
                 session.turn.cancelled = True
                 session.queued_turn = None
+                if session.state is SessionState.LISTENING:
+                    self._roll_back_turn(session, EndReason.CANCELLED)
                 self._cond.notify_all()
 
     def close_session(self, session_id: str) -> None:
@@ -364,7 +409,8 @@ class Engine:
                 log.exception("engine step failed")
 
     def _has_work(self) -> bool:
-        return any(s.busy for s in self.sessions.values())
+        working = (SessionState.PREFILLING, SessionState.GENERATING)
+        return any(s.state in working for s in self.sessions.values())
 
     def step(self) -> int:
         """Run one packed forward pass; returns how many sessions it served."""
@@ -418,12 +464,34 @@ class Engine:
             if session.turn.cancelled:
                 self._roll_back_turn(session, EndReason.CANCELLED)
                 continue
+            if session.turn.draft_update is not None:
+                self._apply_draft(session)
+                if session.state is SessionState.LISTENING:
+                    continue
             chunk = self._next_chunk(session, budget)
             budget -= len(chunk)
             ids = [t for t, _ in chunk]
             turns = [turn for _, turn in chunk]
             items.append(_Item(session, ids, turns, decode=False))
         return items
+
+    def _apply_draft(self, session: Session) -> None:
+        """Roll the turn to the newest partial text; nothing is in flight."""
+        turn = session.turn
+        text, final = turn.draft_update
+        turn.draft_update = None
+        turn.draft = not final
+        target = duplex.target_tokens(self.chat, turn, text, final)
+        rolled_back = duplex.revise(session, turn, target)
+        self.metrics.tokens_rolled_back.inc(rolled_back)
+        if final and not turn.to_prefill:
+            # Every token is cached, but the reply needs fresh logits.
+            session.cache.truncate(session.cache.length - 1)
+            turn.to_prefill = [target[len(turn.fed_ids) - 1]]
+            del turn.fed_ids[-1]
+        if not turn.to_prefill:
+            session.state = SessionState.LISTENING
+            self._prefill_queue.remove(session.session_id)
 
     def _next_chunk(self, session: Session, budget: int) -> list[tuple[int, int]]:
         cache = session.cache
@@ -444,11 +512,15 @@ class Engine:
             self.metrics.evictions.inc()
             session.emit(EvictionEvent(turn.turn, eviction))
         if not item.decode:
+            turn.fed_ids.extend(item.token_ids)
             turn.num_prefilled += len(item.token_ids)
             self.metrics.tokens_prefilled.inc(len(item.token_ids))
-            if turn.to_prefill:
+            if turn.to_prefill or turn.draft_update is not None:
                 return
             self._prefill_queue.remove(session.session_id)
+            if turn.draft:
+                session.state = SessionState.LISTENING
+                return
         else:
             turn.num_pending_reply = 0  # the fed token is cached now
         if turn.cancelled:

@@ -260,11 +260,11 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 self.engine.acknowledge(session.session_id, message.ack.played_tokens)
                 return None
             if kind == "partial_user_turn":
-                code = grpc.StatusCode.UNIMPLEMENTED
-                self._count_error(code)
-                return rpc.error_message(
-                    code, f"{kind} is not supported by this version"
+                partial = message.partial_user_turn
+                self.engine.partial_turn(
+                    session.session_id, partial.text, partial.final
                 )
+                return None
             raise InvalidRequest(
                 f"{kind or 'an empty message'} is not valid mid-stream"
             )

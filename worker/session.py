@@ -17,6 +17,7 @@ class SessionState(enum.Enum):
     IDLE = "idle"  # waiting for a user turn
     PREFILLING = "prefilling"  # feeding a turn's increment
     GENERATING = "generating"  # decoding a reply
+    LISTENING = "listening"  # a streamed user turn is prefilled; more may come
     CLOSED = "closed"
 
 
@@ -147,6 +148,12 @@ class TurnProgress:
     heard_limit: int | None = None  # set by an interruption not yet applied
     interrupt_kind: str = ""
     previous: TurnProgress | None = None  # the turn before, restored on rollback
+    first: bool = False  # the conversation's first user turn
+    lead_closed: bool = True  # the reply before it ended with end-of-turn
+    fed_ids: list[int] = field(default_factory=list)  # fed for this turn so far
+    streamed: bool = False  # the user turn arrives as partial texts
+    draft: bool = False  # its final text has not arrived yet
+    draft_update: tuple[str, bool] | None = None  # (text, final) to apply
     first_token_s: float | None = None
     last_token_s: float | None = None
     cancelled: bool = False
@@ -211,4 +218,8 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return self.state in (SessionState.PREFILLING, SessionState.GENERATING)
+        return self.state in (
+            SessionState.PREFILLING,
+            SessionState.GENERATING,
+            SessionState.LISTENING,
+        )

@@ -44,11 +44,12 @@ async def test_random_interruptions_keep_exactly_what_was_heard(stack):
         heard_history = chat.system_tokens(None)
         closed = True
         first = True
+        together = False  # the previous round sent this turn with its interrupt
         pending_turn = f"question {rng.random()}"
         for round_ in range(200):
             increment = chat.user_tokens(pending_turn, first, closed)
             first = False
-            if round_ == 0 or not together:
+            if not together:
                 await conversation.send(
                     pb.ClientMessage(user_turn=pb.UserTurn(text=pending_turn))
                 )

@@ -165,14 +165,26 @@ async def test_second_turn_while_generating_is_refused(stack, channel):
     assert stack.engine.sessions[conversation.session_id].num_turns == 1
 
 
-async def test_unimplemented_messages_are_refused_clearly(channel):
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (
+            pb.ClientMessage(interrupt=pb.Interrupt(heard_tokens=3)),
+            "FAILED_PRECONDITION",
+        ),
+        (pb.ClientMessage(open=pb.OpenSession()), "INVALID_ARGUMENT"),
+        (pb.ClientMessage(), "INVALID_ARGUMENT"),
+    ],
+    ids=["nothing-to-interrupt", "second-open", "empty-message"],
+)
+async def test_misplaced_messages_are_refused_in_stream(channel, message, code):
     conversation = Conversation(channel)
     await conversation.open()
-    await conversation.send(pb.ClientMessage(interrupt=pb.Interrupt(heard_tokens=3)))
+    await conversation.send(message)
     with pytest.raises(RequestRefused) as caught:
         async for _ in conversation.events():
             pass
-    assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code.name == code
 
 
 async def test_health_and_reflection(stack):

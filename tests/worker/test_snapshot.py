@@ -100,8 +100,9 @@ def test_round_trip_is_exact_and_continues_the_same(tiny, dtype, sampling):
     engine, session = converse(loaded, dtype, sampling)
     blob = encode_snapshot(session, loaded.fingerprint)
     other = Engine(loaded, CONFIG)
+    vocab = loaded.config.vocab_size
     restored = decode_snapshot(
-        blob, loaded.fingerprint, other.cache_shape, loaded.rotary
+        blob, loaded.fingerprint, other.cache_shape, loaded.rotary, vocab
     )
     assert restored.cache.k_raw.dtype == dtype
     assert_same_session(session, restored)
@@ -234,6 +235,19 @@ def test_foreign_model_is_refused(snapshot):
     message = f"snapshot of model '{loaded.fingerprint}', not '0123456789abcdef'"
     with pytest.raises(SnapshotError, match=message):
         decode_snapshot(blob, "0123456789abcdef", engine.cache_shape, loaded.rotary)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(snapshot):
+    blob, loaded, engine = snapshot
+    vocab = loaded.config.vocab_size
+    header, _ = split(blob)
+    args = (loaded.fingerprint, engine.cache_shape, loaded.rotary, vocab)
+    ids = [*header["token_ids"][:-1], vocab]
+    with pytest.raises(SnapshotError, match=rf"token_ids .*\[0, {vocab - 1}\]"):
+        decode_snapshot(rewrite(blob, token_ids=ids), *args)
+    pending = [[vocab + 5, header["num_turns"]]]
+    with pytest.raises(SnapshotError, match="pending token ids"):
+        decode_snapshot(rewrite(blob, pending=pending), *args)
 
 
 def test_no_single_byte_change_or_cut_is_accepted(snapshot):

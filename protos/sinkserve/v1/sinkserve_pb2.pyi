@@ -320,7 +320,11 @@ Global___Interrupt: _TypeAlias = Interrupt  # noqa: Y015
 
 @_typing.final
 class PartialUserTurn(_message.Message):
-    """Streamed user input. Reserved in this version, like `Interrupt`."""
+    """A user turn streamed while it is spoken. The worker prefills the stable
+    part of each partial text at once; a revision rolls back to the shared
+    prefix. The final text starts the reply; a `UserTurn` while partials are
+    open counts as the final text. Interrupt the previous reply first.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
