@@ -529,7 +529,8 @@ class Engine:
         if turn.heard_limit is not None:
             self._finish_interrupted(session)
             return
-        token = sample(logits, session.sampling, session.generator)
+        # On the CPU: the session's generator lives there, and stays portable.
+        token = sample(logits.cpu(), session.sampling, session.generator)
         self._take_token(session, token)
 
     def _take_token(self, session: Session, token: int) -> None:

@@ -46,7 +46,7 @@ async def test_random_interruptions_keep_exactly_what_was_heard(stack):
         first = True
         together = False  # the previous round sent this turn with its interrupt
         pending_turn = f"question {rng.random()}"
-        for round_ in range(200):
+        for _ in range(200):
             increment = chat.user_tokens(pending_turn, first, closed)
             first = False
             if not together:
