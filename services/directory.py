@@ -10,10 +10,34 @@ entry as long as it keeps its heartbeat.
 from __future__ import annotations
 
 import abc
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _redis_call(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Redis failures surface as DirectoryUnavailable, with the cause."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as error:
+            raise DirectoryUnavailable(f"{type(error).__name__}: {error}") from error
+
+    return wrapper
+
+
+class DirectoryUnavailable(RuntimeError):
+    """The directory's backing store cannot be reached."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,7 @@ class RedisDirectory(SessionDirectory):
     def _worker_key(self, worker_id: str) -> str:
         return f"{self.namespace}:worker:{worker_id}"
 
+    @_redis_call
     async def get_session(self, session_id: str) -> str | None:
         key = self._session_key(session_id)
         worker_id = await self.redis.get(key)
@@ -116,21 +141,26 @@ class RedisDirectory(SessionDirectory):
             await self.redis.expire(key, self.session_ttl_s)
         return worker_id
 
+    @_redis_call
     async def put_session(self, session_id: str, worker_id: str) -> None:
         await self.redis.set(
             self._session_key(session_id), worker_id, ex=self.session_ttl_s
         )
 
+    @_redis_call
     async def delete_session(self, session_id: str) -> None:
         await self.redis.delete(self._session_key(session_id))
 
+    @_redis_call
     async def register_worker(self, info: WorkerInfo, ttl_s: float | None) -> None:
         ttl_ms = int((ttl_s or self.static_worker_ttl_s) * 1000)
         await self.redis.set(self._worker_key(info.worker_id), info.address, px=ttl_ms)
 
+    @_redis_call
     async def unregister_worker(self, worker_id: str) -> None:
         await self.redis.delete(self._worker_key(worker_id))
 
+    @_redis_call
     async def live_workers(self) -> list[WorkerInfo]:
         prefix = self._worker_key("")
         workers = []

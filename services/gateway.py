@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,9 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from protos.sinkserve.v1 import sinkserve_pb2_grpc as pb_grpc
 from services import rpc
-from services.directory import SessionDirectory, WorkerInfo
+from services.directory import DirectoryUnavailable, SessionDirectory, WorkerInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -67,12 +69,59 @@ class GatewayMetrics:
         )
 
 
-class _Timing:
-    """Turn timing for the gateway's latency histograms."""
+class _Relay:
+    """State of one relayed stream: timing for the histograms, and what a
+    move to another worker needs to know."""
 
     def __init__(self) -> None:
         self.turn_sent_s: float | None = None
         self.last_token_s: float | None = None
+        self.session_id: str | None = None
+        self.turn_open = False  # a user turn was sent and has not ended
+        self.client_done = False
+        self.moving = False  # re-attaching after the worker was lost
+        self.rerouted = False  # the first resume went to a new worker
+
+
+# Worker-side failures that mean the worker is gone or going: move the session.
+_WORKER_LOST = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
+_CLIENT_DONE = object()
+
+
+async def _read_client(
+    request_iterator: AsyncIterator[pb.ClientMessage], inbox: asyncio.Queue[object]
+) -> None:
+    try:
+        async for message in request_iterator:
+            inbox.put_nowait(message)
+    except grpc.aio.AioRpcError:
+        pass
+    inbox.put_nowait(_CLIENT_DONE)
+
+
+async def _pump(
+    inbox: asyncio.Queue[object], call: grpc.aio.StreamStreamCall, relay: _Relay
+) -> None:
+    """Client to worker, until the client half-closes."""
+    try:
+        while (message := await inbox.get()) is not _CLIENT_DONE:
+            kind = message.WhichOneof("kind")
+            if kind == "user_turn" or (
+                kind == "partial_user_turn" and message.partial_user_turn.final
+            ):
+                relay.turn_sent_s = time.perf_counter()
+                relay.last_token_s = None
+                relay.turn_open = True
+            await call.write(message)
+        relay.client_done = True
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the worker side ended; the relay loop reports it
 
 
 class GatewayServicer(pb_grpc.SessionsServicer):
@@ -99,9 +148,19 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             await channel.close()
         self._channels.clear()
 
-    async def place(self) -> WorkerInfo:
+    async def _directory(self, operation: Awaitable[T]) -> T:
+        """Run a directory call; its failure is UNAVAILABLE, said plainly."""
+        try:
+            return await operation
+        except DirectoryUnavailable as error:
+            raise _Refusal(
+                grpc.StatusCode.UNAVAILABLE, f"session directory unavailable: {error}"
+            ) from error
+
+    async def place(self, exclude: set[str] = frozenset()) -> WorkerInfo:
         """The live worker with the most free slots."""
-        workers = await self.directory.live_workers()
+        workers = await self._directory(self.directory.live_workers())
+        workers = [w for w in workers if w.worker_id not in exclude]
         if not workers:
             raise _Refusal(grpc.StatusCode.UNAVAILABLE, "no live workers")
         loads = await asyncio.gather(
@@ -127,22 +186,21 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         stub = pb_grpc.WorkerControlStub(self.channel(worker.address))
         return await stub.GetLoad(pb.GetLoadRequest(), timeout=self.load_timeout_s)
 
-    async def _route(self, first: pb.ClientMessage) -> WorkerInfo:
+    async def _route(self, first: pb.ClientMessage, relay: _Relay) -> WorkerInfo:
         kind = first.WhichOneof("kind")
         if kind == "open":
             return await self.place()
         if kind == "resume":
             session_id = first.resume.session_id
-            worker_id = await self.directory.get_session(session_id)
+            worker_id = await self._directory(self.directory.get_session(session_id))
             if worker_id is None:
                 raise _Refusal(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
-            worker = await self.directory.worker(worker_id)
+            worker = await self._directory(self.directory.worker(worker_id))
             if worker is None:
-                raise _Refusal(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"session {session_id!r} is on worker {worker_id}, "
-                    "which is not live",
-                )
+                # Its worker is gone: any worker can restore it from its snapshot.
+                log.info("session %s lost worker %s; re-placing", session_id, worker_id)
+                relay.rerouted = True
+                return await self.place()
             return worker
         raise _Refusal(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -158,30 +216,12 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         if first is None:
             return
         self.metrics.streams.inc()
-        call = None
-        pump = None
+        relay = _Relay()
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+        reader = asyncio.create_task(_read_client(request_iterator, inbox))
         try:
-            worker = await self._route(first)
-            call = pb_grpc.SessionsStub(self.channel(worker.address)).Converse()
-            await call.write(first)
-            opened = await call.read()
-            if opened is grpc.aio.EOF:
-                raise _Refusal(
-                    grpc.StatusCode.UNAVAILABLE, "the worker closed the stream"
-                )
-            if first.WhichOneof("kind") == "open":
-                await self.directory.put_session(
-                    opened.opened.session_id, worker.worker_id
-                )
-                self.metrics.sessions_opened.inc()
-            yield opened
-
-            timing = _Timing()
-            pump = asyncio.create_task(self._pump(request_iterator, call, timing))
-            while (message := await call.read()) is not grpc.aio.EOF:
-                self._observe(message, timing)
-                if message.WhichOneof("kind") == "closed":
-                    await self.directory.delete_session(message.closed.session_id)
+            worker = await self._route(first, relay)
+            async for message in self._relay(first, worker, inbox, relay):
                 yield message
         except _Refusal as refusal:
             self.metrics.failures.labels(code=refusal.code.name).inc()
@@ -191,31 +231,92 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             await context.abort(error.code(), error.details() or "worker stream failed")
         finally:
             self.metrics.streams.dec()
-            if pump is not None:
-                pump.cancel()
-            if call is not None:
-                call.cancel()
+            reader.cancel()
 
-    async def _pump(
+    async def _relay(
         self,
-        request_iterator: AsyncIterator[pb.ClientMessage],
-        call: grpc.aio.StreamStreamCall,
-        timing: _Timing,
-    ) -> None:
-        """Client to worker, until the client half-closes."""
-        try:
-            async for message in request_iterator:
-                if message.WhichOneof("kind") == "user_turn":
-                    timing.turn_sent_s = time.perf_counter()
-                    timing.last_token_s = None
-                await call.write(message)
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the worker side ended; the relay loop reports it
+        first: pb.ClientMessage,
+        worker: WorkerInfo,
+        inbox: asyncio.Queue[object],
+        relay: _Relay,
+    ) -> AsyncIterator[pb.ServerMessage]:
+        """Relay one session, moving it when its worker dies or drains."""
+        attach = first
+        lost_workers: set[str] = set()
+        while True:
+            call = pb_grpc.SessionsStub(self.channel(worker.address)).Converse()
+            pump = None
+            try:
+                await call.write(attach)
+                opened = await call.read()
+                if opened is grpc.aio.EOF:
+                    raise _Refusal(
+                        grpc.StatusCode.UNAVAILABLE, "the worker closed the stream"
+                    )
+                yield await self._attached(attach, opened.opened, worker, relay)
+                pump = asyncio.create_task(_pump(inbox, call, relay))
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    self._observe(message, relay)
+                    if message.WhichOneof("kind") == "closed":
+                        await self._directory(
+                            self.directory.delete_session(message.closed.session_id)
+                        )
+                    yield message
+                return  # the worker ended the stream: closed, or client done
+            except grpc.aio.AioRpcError as error:
+                if relay.session_id is None or error.code() not in _WORKER_LOST:
+                    raise
+                log.warning(
+                    "worker %s lost (%s); moving session %s",
+                    worker.worker_id,
+                    error.code().name,
+                    relay.session_id,
+                )
+            finally:
+                if pump is not None:
+                    pump.cancel()
+                call.cancel()
+            lost_workers.add(worker.worker_id)
+            worker = await self.place(exclude=lost_workers)
+            attach = pb.ClientMessage(
+                resume=pb.ResumeSession(session_id=relay.session_id)
+            )
+            relay.moving = True
 
-    def _observe(self, message: pb.ServerMessage, timing: _Timing) -> None:
+    async def _attached(
+        self,
+        attach: pb.ClientMessage,
+        opened: pb.SessionOpened,
+        worker: WorkerInfo,
+        relay: _Relay,
+    ) -> pb.ServerMessage:
+        """Record the affinity; the first attach answers `opened`, a move
+        answers `moved`."""
+        relay.session_id = opened.session_id
+        if attach.WhichOneof("kind") == "open":
+            self.metrics.sessions_opened.inc()
+        if attach.WhichOneof("kind") == "open" or relay.moving or relay.rerouted:
+            await self._directory(
+                self.directory.put_session(opened.session_id, worker.worker_id)
+            )
+        if not relay.moving:
+            return pb.ServerMessage(opened=opened)
+        relay.moving = False
+        self.metrics.sessions_moved.inc()
+        moved = pb.SessionMoved(
+            worker_id=opened.worker_id,
+            turn_lost=relay.turn_open,
+            cache_length=opened.cache_length,
+            num_turns=opened.num_turns,
+        )
+        relay.turn_open = False
+        return pb.ServerMessage(moved=moved)
+
+    def _observe(self, message: pb.ServerMessage, timing: _Relay) -> None:
         kind = message.WhichOneof("kind")
-        if kind == "token":
+        if kind == "turn_end":
+            timing.turn_open = False
+        elif kind == "token":
             now = time.perf_counter()
             self.metrics.tokens_relayed.inc()
             if timing.last_token_s is not None:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ from worker.session import (
     TurnProgress,
 )
 from worker.sink_cache import CacheShape, SinkCache
+from worker.snapshot import SessionImage, capture_session
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,9 @@ class Engine:
         self._decoders: dict[str, StreamDecoder] = {}
         self._prefill_queue: list[str] = []
         self._in_flight: set[str] = set()
+        # Called under the lock whenever a session settles idle with new state
+        # (a turn ended, a finished reply was cut): snapshots hang here.
+        self.on_settled: Callable[[Session], None] | None = None
         self._cond = threading.Condition()
         self._accepting = True
         self._stopped = False
@@ -169,15 +174,8 @@ class Engine:
                 f"({cache_config.cache_size // 2})"
             )
         with self._cond:
-            if not self._accepting:
-                raise Unavailable("this worker is draining and takes no new sessions")
-            if len(self.sessions) >= cfg.max_sessions:
-                raise LimitExceeded(
-                    f"this worker holds its limit of {cfg.max_sessions} sessions"
-                )
             session_id = session_id or uuid.uuid4().hex
-            if session_id in self.sessions:
-                raise InvalidRequest(f"session {session_id} already exists")
+            self._check_room(session_id)
             cache = SinkCache(
                 self.cache_shape,
                 self.loaded.rotary,
@@ -199,6 +197,63 @@ class Engine:
             len(system_ids),
         )
         return session
+
+    def adopt_session(self, session: Session) -> None:
+        """Take in a session rebuilt from a snapshot, as if opened here."""
+        if session.cache.shape != self.cache_shape:
+            raise InvalidRequest(
+                "the snapshot's cache does not fit this worker's model"
+            )
+        if session.state is not SessionState.IDLE:
+            raise InvalidRequest("only idle sessions can be adopted")
+        self._cache_config(session.config.sink_size, session.config.window_size)
+        session.sampling.validate(self.config.max_new_tokens_limit)
+        with self._cond:
+            self._check_room(session.session_id)
+            session.idle_since_s = time.monotonic()
+            self.sessions[session.session_id] = session
+            self._decoders[session.session_id] = StreamDecoder(
+                self.loaded.tokenizer, self.end_ids
+            )
+            self._update_gauges()
+        log.info(
+            "session %s restored (%d tokens)", session.session_id, session.cache.length
+        )
+
+    def _check_room(self, session_id: str) -> None:
+        """Under the lock: can this worker take one more session now?"""
+        if not self._accepting:
+            raise Unavailable("this worker is draining and takes no new sessions")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise LimitExceeded(
+                f"this worker holds its limit of {self.config.max_sessions} sessions"
+            )
+        if session_id in self.sessions:
+            raise InvalidRequest(f"session {session_id} already exists")
+
+    def capture(self, session_id: str) -> SessionImage:
+        """Copy an idle session for a snapshot (encode it outside the lock)."""
+        with self._cond:
+            session = self.get(session_id)
+            if session.busy:
+                raise SessionBusy(f"session {session_id} is {session.state.value}")
+            return capture_session(session)
+
+    def idle_sessions(self, idle_for_s: float) -> list[str]:
+        """Sessions idle, with no stream attached, for at least `idle_for_s`."""
+        now = time.monotonic()
+        with self._cond:
+            return [
+                s.session_id
+                for s in self.sessions.values()
+                if s.state is SessionState.IDLE
+                and s.sink is None
+                and now - s.idle_since_s >= idle_for_s
+            ]
+
+    def has_busy_sessions(self) -> bool:
+        with self._cond:
+            return any(s.busy for s in self.sessions.values())
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -337,6 +392,8 @@ class Engine:
             if not session.busy:
                 cut = barge_in.cut_reply(session, turn, heard, self.end_ids)
                 self._report_cut(session, cut, kind)
+                if cut.num_rolled_back:
+                    self._settled(session)
                 return
             previous = turn.heard_limit
             turn.heard_limit = heard if previous is None else min(previous, heard)
@@ -602,6 +659,16 @@ class Engine:
             session.queued_turn = None
             increment = self.chat.user_tokens(text, False, session.reply_closed)
             self._start_turn(session, increment, max_new_tokens)
+        else:
+            self._settled(session)
+
+    def _settled(self, session: Session) -> None:
+        session.idle_since_s = time.monotonic()
+        if self.on_settled is not None:
+            try:
+                self.on_settled(session)
+            except Exception:
+                log.exception("settle hook failed for session %s", session.session_id)
 
     def _finish_interrupted(self, session: Session) -> None:
         """Apply a pending interruption: cut the reply, end the turn."""

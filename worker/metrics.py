@@ -77,6 +77,31 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.snapshot_seconds = Histogram(
+            f"{prefix}_snapshot_write_seconds",
+            "Writing one session snapshot to the store.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.snapshot_bytes = Histogram(
+            f"{prefix}_snapshot_bytes",
+            "Size of one session snapshot.",
+            buckets=(1e4, 1e5, 1e6, 1e7, 5e7, 1e8, 5e8),
+            registry=r,
+        )
+        self.snapshot_failures = Counter(
+            f"{prefix}_snapshot_failures_total",
+            "Snapshots that could not be stored (the session lives on).",
+            registry=r,
+        )
+        self.restores = Counter(
+            f"{prefix}_restores_total", "Sessions restored from snapshots.", registry=r
+        )
+        self.offloads = Counter(
+            f"{prefix}_offloads_total",
+            "Idle sessions offloaded to snapshots.",
+            registry=r,
+        )
         self.active_sessions = Gauge(
             f"{prefix}_active_sessions", "Sessions held by this worker.", registry=r
         )

@@ -14,6 +14,7 @@ from protos.sinkserve.v1 import sinkserve_pb2_grpc as pb_grpc
 from services import rpc
 from worker.engine import Engine
 from worker.errors import InvalidRequest, SinkserveError
+from worker.persistence import SessionPersistence
 from worker.session import (
     EndReason,
     EvictionEvent,
@@ -108,10 +109,18 @@ def event_to_pb(event: object) -> pb.ServerMessage:
 class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
     """Serves sessions straight from this worker's engine."""
 
-    def __init__(self, engine: Engine, worker_id: str, model_name: str):
+    def __init__(
+        self,
+        engine: Engine,
+        worker_id: str,
+        model_name: str,
+        persistence: SessionPersistence | None = None,
+    ):
         self.engine = engine
+        self.persistence = persistence
         self.worker_id = worker_id
         self.model_name = model_name
+        self._background: set[asyncio.Future] = set()
 
     async def GetLoad(
         self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext
@@ -132,7 +141,7 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         if first is None:
             return
         try:
-            session, resumed = self._attach(first)
+            session, resumed = await self._attach(first)
         except SinkserveError as error:
             self._count_error(rpc.status_of(error))
             await context.abort(rpc.status_of(error), str(error))
@@ -173,7 +182,7 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 session.sink = None
                 self.engine.cancel_turn(session.session_id)
 
-    def _attach(self, first: pb.ClientMessage) -> tuple[Session, bool]:
+    async def _attach(self, first: pb.ClientMessage) -> tuple[Session, bool]:
         kind = first.WhichOneof("kind")
         if kind == "open":
             open_ = first.open
@@ -188,7 +197,10 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 False,
             )
         if kind == "resume":
-            return self.engine.get(first.resume.session_id), True
+            session_id = first.resume.session_id
+            if session_id in self.engine.sessions or self.persistence is None:
+                return self.engine.get(session_id), True
+            return await self.persistence.restore(session_id), True
         raise InvalidRequest("the first message of a stream must be open or resume")
 
     def _opened(self, session: Session, resumed: bool) -> pb.ServerMessage:
@@ -240,6 +252,12 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 return None
             if kind == "close":
                 self.engine.close_session(session.session_id)
+                if self.persistence is not None:
+                    task = asyncio.ensure_future(
+                        self.persistence.forget(session.session_id)
+                    )
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
                 closed = pb.SessionClosed(session_id=session.session_id)
                 return pb.ServerMessage(closed=closed)
             if kind == "interrupt":
@@ -278,7 +296,11 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
 
 
 async def start_worker_server(
-    engine: Engine, bind: str, worker_id: str | None = None, model_name: str = ""
+    engine: Engine,
+    bind: str,
+    worker_id: str | None = None,
+    model_name: str = "",
+    persistence: SessionPersistence | None = None,
 ) -> tuple[grpc.aio.Server, int, WorkerServicer]:
     """Start a worker's gRPC server on `bind` ("host:port", port 0 picks one).
 
@@ -287,7 +309,9 @@ async def start_worker_server(
     server = grpc.aio.server()
     port = server.add_insecure_port(bind)
     host = bind.rsplit(":", 1)[0]
-    servicer = WorkerServicer(engine, worker_id or f"{host}:{port}", model_name)
+    servicer = WorkerServicer(
+        engine, worker_id or f"{host}:{port}", model_name, persistence
+    )
     pb_grpc.add_SessionsServicer_to_server(servicer, server)
     pb_grpc.add_WorkerControlServicer_to_server(servicer, server)
     services = [rpc.SESSIONS_SERVICE, rpc.WORKER_CONTROL_SERVICE]

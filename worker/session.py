@@ -204,6 +204,7 @@ class Session:
         self.last_turn: TurnProgress | None = None  # the newest finished turn
         self.queued_turn: tuple[str, int | None] | None = None  # after a barge-in
         self.next_token: int | None = None  # sampled, to feed in the next decode
+        self.idle_since_s = time.monotonic()  # when the session last settled
         self.sink: EventSink | None = None
         self.generator = torch.Generator()
         if sampling.seed is None:

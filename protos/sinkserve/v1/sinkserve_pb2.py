@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/sinkserve/v1/sinkserve.proto\x12\x0csinkserve.v1\"\xd7\x02\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.sinkserve.v1.OpenSessionH\x00\x12-\n\x06resume\x18\x02 \x01(\x0b\x32\x1b.sinkserve.v1.ResumeSessionH\x00\x12+\n\tuser_turn\x18\x03 \x01(\x0b\x32\x16.sinkserve.v1.UserTurnH\x00\x12,\n\tinterrupt\x18\x04 \x01(\x0b\x32\x17.sinkserve.v1.InterruptH\x00\x12:\n\x11partial_user_turn\x18\x05 \x01(\x0b\x32\x1d.sinkserve.v1.PartialUserTurnH\x00\x12 \n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x11.sinkserve.v1.AckH\x00\x12+\n\x05\x63lose\x18\x07 \x01(\x0b\x32\x1a.sinkserve.v1.CloseSessionH\x00\x42\x06\n\x04kind\"w\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"J\n\rCacheSettings\x12\x16\n\tsink_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0bwindow_size\x18\x02 \x01(\x05\x42\x0c\n\n_sink_size\"\x97\x01\n\x0bOpenSession\x12\x1a\n\rsystem_prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.sinkserve.v1.SamplingParams\x12*\n\x05\x63\x61\x63he\x18\x03 \x01(\x0b\x32\x1b.sinkserve.v1.CacheSettingsB\x10\n\x0e_system_prompt\"#\n\rResumeSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\x08UserTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\"C\n\tInterrupt\x12\x16\n\x0cheard_tokens\x18\x01 \x01(\rH\x00\x12\x15\n\x0bheard_chars\x18\x02 \x01(\rH\x00\x42\x07\n\x05heard\".\n\x0fPartialUserTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x1c\n\x03\x41\x63k\x12\x15\n\rplayed_tokens\x18\x01 \x01(\r\"\x0e\n\x0c\x43loseSession\"\xd5\x02\n\rServerMessage\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.sinkserve.v1.SessionOpenedH\x00\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.sinkserve.v1.TokenDeltaH\x00\x12)\n\x08turn_end\x18\x03 \x01(\x0b\x32\x15.sinkserve.v1.TurnEndH\x00\x12\x30\n\x08\x65viction\x18\x04 \x01(\x0b\x32\x1c.sinkserve.v1.EvictionNoticeH\x00\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.sinkserve.v1.ErrorH\x00\x12-\n\x06\x63losed\x18\x06 \x01(\x0b\x32\x1b.sinkserve.v1.SessionClosedH\x00\x12\x30\n\x0binterrupted\x18\x07 \x01(\x0b\x32\x19.sinkserve.v1.InterruptedH\x00\x42\x06\n\x04kind\"\xb3\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tsink_size\x18\x03 \x01(\x05\x12\x13\n\x0bwindow_size\x18\x04 \x01(\x05\x12\x19\n\x11num_system_tokens\x18\x05 \x01(\x05\x12\x14\n\x0c\x63\x61\x63he_length\x18\x06 \x01(\x05\x12\x11\n\tnum_turns\x18\x07 \x01(\x05\x12\x0f\n\x07resumed\x18\x08 \x01(\x08\"I\n\nTokenDelta\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xa6\x01\n\tTurnStats\x12\x15\n\rnum_prefilled\x18\x01 \x01(\x05\x12\x12\n\nnum_reused\x18\x02 \x01(\x05\x12\x13\n\x0bnum_evicted\x18\x03 \x01(\x05\x12\x15\n\rnum_generated\x18\x04 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x02\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x06 \x01(\x02\x12\x14\n\x0c\x63\x61\x63he_length\x18\x07 \x01(\x05\"v\n\x07TurnEnd\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.sinkserve.v1.EndReason\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.sinkserve.v1.TurnStats\x12\x0c\n\x04text\x18\x04 \x01(\t\"s\n\x0e\x45victionNotice\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x13\n\x0bnum_evicted\x18\x02 \x01(\x05\x12\x12\n\nturns_gone\x18\x03 \x03(\x05\x12\x14\n\x0cturn_partial\x18\x04 \x01(\x05\x12\x14\n\x0c\x63\x61\x63he_length\x18\x05 \x01(\x05\"\x88\x01\n\x0bInterrupted\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x10\n\x08num_kept\x18\x02 \x01(\x05\x12\x17\n\x0fnum_rolled_back\x18\x03 \x01(\x05\x12\x10\n\x08num_lost\x18\x04 \x01(\x05\x12\x0f\n\x07\x63lamped\x18\x05 \x01(\x08\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0f\n\x07warning\x18\x07 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"#\n\rSessionClosed\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x10\n\x0eGetLoadRequest\"X\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_sessions\x18\x02 \x01(\x05\x12\x12\n\nfree_slots\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t*\x9f\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45ND_REASON_STOP\x10\x01\x12\x15\n\x11\x45ND_REASON_LENGTH\x10\x02\x12\x18\n\x14\x45ND_REASON_CANCELLED\x10\x03\x12\x14\n\x10\x45ND_REASON_ERROR\x10\x04\x12\x1a\n\x16\x45ND_REASON_INTERRUPTED\x10\x05\x32T\n\x08Sessions\x12H\n\x08\x43onverse\x12\x1b.sinkserve.v1.ClientMessage\x1a\x1b.sinkserve.v1.ServerMessage(\x01\x30\x01\x32R\n\rWorkerControl\x12\x41\n\x07GetLoad\x12\x1c.sinkserve.v1.GetLoadRequest\x1a\x18.sinkserve.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/sinkserve/v1/sinkserve.proto\x12\x0csinkserve.v1\"\xd7\x02\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.sinkserve.v1.OpenSessionH\x00\x12-\n\x06resume\x18\x02 \x01(\x0b\x32\x1b.sinkserve.v1.ResumeSessionH\x00\x12+\n\tuser_turn\x18\x03 \x01(\x0b\x32\x16.sinkserve.v1.UserTurnH\x00\x12,\n\tinterrupt\x18\x04 \x01(\x0b\x32\x17.sinkserve.v1.InterruptH\x00\x12:\n\x11partial_user_turn\x18\x05 \x01(\x0b\x32\x1d.sinkserve.v1.PartialUserTurnH\x00\x12 \n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x11.sinkserve.v1.AckH\x00\x12+\n\x05\x63lose\x18\x07 \x01(\x0b\x32\x1a.sinkserve.v1.CloseSessionH\x00\x42\x06\n\x04kind\"w\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"J\n\rCacheSettings\x12\x16\n\tsink_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0bwindow_size\x18\x02 \x01(\x05\x42\x0c\n\n_sink_size\"\x97\x01\n\x0bOpenSession\x12\x1a\n\rsystem_prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.sinkserve.v1.SamplingParams\x12*\n\x05\x63\x61\x63he\x18\x03 \x01(\x0b\x32\x1b.sinkserve.v1.CacheSettingsB\x10\n\x0e_system_prompt\"#\n\rResumeSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\x08UserTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\"C\n\tInterrupt\x12\x16\n\x0cheard_tokens\x18\x01 \x01(\rH\x00\x12\x15\n\x0bheard_chars\x18\x02 \x01(\rH\x00\x42\x07\n\x05heard\".\n\x0fPartialUserTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x1c\n\x03\x41\x63k\x12\x15\n\rplayed_tokens\x18\x01 \x01(\r\"\x0e\n\x0c\x43loseSession\"\x82\x03\n\rServerMessage\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.sinkserve.v1.SessionOpenedH\x00\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.sinkserve.v1.TokenDeltaH\x00\x12)\n\x08turn_end\x18\x03 \x01(\x0b\x32\x15.sinkserve.v1.TurnEndH\x00\x12\x30\n\x08\x65viction\x18\x04 \x01(\x0b\x32\x1c.sinkserve.v1.EvictionNoticeH\x00\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.sinkserve.v1.ErrorH\x00\x12-\n\x06\x63losed\x18\x06 \x01(\x0b\x32\x1b.sinkserve.v1.SessionClosedH\x00\x12\x30\n\x0binterrupted\x18\x07 \x01(\x0b\x32\x19.sinkserve.v1.InterruptedH\x00\x12+\n\x05moved\x18\x08 \x01(\x0b\x32\x1a.sinkserve.v1.SessionMovedH\x00\x42\x06\n\x04kind\"\xb3\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tsink_size\x18\x03 \x01(\x05\x12\x13\n\x0bwindow_size\x18\x04 \x01(\x05\x12\x19\n\x11num_system_tokens\x18\x05 \x01(\x05\x12\x14\n\x0c\x63\x61\x63he_length\x18\x06 \x01(\x05\x12\x11\n\tnum_turns\x18\x07 \x01(\x05\x12\x0f\n\x07resumed\x18\x08 \x01(\x08\"I\n\nTokenDelta\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xa6\x01\n\tTurnStats\x12\x15\n\rnum_prefilled\x18\x01 \x01(\x05\x12\x12\n\nnum_reused\x18\x02 \x01(\x05\x12\x13\n\x0bnum_evicted\x18\x03 \x01(\x05\x12\x15\n\rnum_generated\x18\x04 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x02\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x06 \x01(\x02\x12\x14\n\x0c\x63\x61\x63he_length\x18\x07 \x01(\x05\"v\n\x07TurnEnd\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.sinkserve.v1.EndReason\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.sinkserve.v1.TurnStats\x12\x0c\n\x04text\x18\x04 \x01(\t\"s\n\x0e\x45victionNotice\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x13\n\x0bnum_evicted\x18\x02 \x01(\x05\x12\x12\n\nturns_gone\x18\x03 \x03(\x05\x12\x14\n\x0cturn_partial\x18\x04 \x01(\x05\x12\x14\n\x0c\x63\x61\x63he_length\x18\x05 \x01(\x05\"\x88\x01\n\x0bInterrupted\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x10\n\x08num_kept\x18\x02 \x01(\x05\x12\x17\n\x0fnum_rolled_back\x18\x03 \x01(\x05\x12\x10\n\x08num_lost\x18\x04 \x01(\x05\x12\x0f\n\x07\x63lamped\x18\x05 \x01(\x08\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0f\n\x07warning\x18\x07 \x01(\t\"]\n\x0cSessionMoved\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tturn_lost\x18\x02 \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x05\x12\x11\n\tnum_turns\x18\x04 \x01(\x05\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"#\n\rSessionClosed\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x10\n\x0eGetLoadRequest\"X\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_sessions\x18\x02 \x01(\x05\x12\x12\n\nfree_slots\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t*\x9f\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45ND_REASON_STOP\x10\x01\x12\x15\n\x11\x45ND_REASON_LENGTH\x10\x02\x12\x18\n\x14\x45ND_REASON_CANCELLED\x10\x03\x12\x14\n\x10\x45ND_REASON_ERROR\x10\x04\x12\x1a\n\x16\x45ND_REASON_INTERRUPTED\x10\x05\x32T\n\x08Sessions\x12H\n\x08\x43onverse\x12\x1b.sinkserve.v1.ClientMessage\x1a\x1b.sinkserve.v1.ServerMessage(\x01\x30\x01\x32R\n\rWorkerControl\x12\x41\n\x07GetLoad\x12\x1c.sinkserve.v1.GetLoadRequest\x1a\x18.sinkserve.v1.WorkerLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.sinkserve.v1.sinkserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENDREASON']._serialized_start=2332
-  _globals['_ENDREASON']._serialized_end=2491
+  _globals['_ENDREASON']._serialized_start=2472
+  _globals['_ENDREASON']._serialized_end=2631
   _globals['_CLIENTMESSAGE']._serialized_start=54
   _globals['_CLIENTMESSAGE']._serialized_end=397
   _globals['_SAMPLINGPARAMS']._serialized_start=399
@@ -54,29 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSION']._serialized_start=984
   _globals['_CLOSESESSION']._serialized_end=998
   _globals['_SERVERMESSAGE']._serialized_start=1001
-  _globals['_SERVERMESSAGE']._serialized_end=1342
-  _globals['_SESSIONOPENED']._serialized_start=1345
-  _globals['_SESSIONOPENED']._serialized_end=1524
-  _globals['_TOKENDELTA']._serialized_start=1526
-  _globals['_TOKENDELTA']._serialized_end=1599
-  _globals['_TURNSTATS']._serialized_start=1602
-  _globals['_TURNSTATS']._serialized_end=1768
-  _globals['_TURNEND']._serialized_start=1770
-  _globals['_TURNEND']._serialized_end=1888
-  _globals['_EVICTIONNOTICE']._serialized_start=1890
-  _globals['_EVICTIONNOTICE']._serialized_end=2005
-  _globals['_INTERRUPTED']._serialized_start=2008
-  _globals['_INTERRUPTED']._serialized_end=2144
-  _globals['_ERROR']._serialized_start=2146
-  _globals['_ERROR']._serialized_end=2184
-  _globals['_SESSIONCLOSED']._serialized_start=2186
-  _globals['_SESSIONCLOSED']._serialized_end=2221
-  _globals['_GETLOADREQUEST']._serialized_start=2223
-  _globals['_GETLOADREQUEST']._serialized_end=2239
-  _globals['_WORKERLOAD']._serialized_start=2241
-  _globals['_WORKERLOAD']._serialized_end=2329
-  _globals['_SESSIONS']._serialized_start=2493
-  _globals['_SESSIONS']._serialized_end=2577
-  _globals['_WORKERCONTROL']._serialized_start=2579
-  _globals['_WORKERCONTROL']._serialized_end=2661
+  _globals['_SERVERMESSAGE']._serialized_end=1387
+  _globals['_SESSIONOPENED']._serialized_start=1390
+  _globals['_SESSIONOPENED']._serialized_end=1569
+  _globals['_TOKENDELTA']._serialized_start=1571
+  _globals['_TOKENDELTA']._serialized_end=1644
+  _globals['_TURNSTATS']._serialized_start=1647
+  _globals['_TURNSTATS']._serialized_end=1813
+  _globals['_TURNEND']._serialized_start=1815
+  _globals['_TURNEND']._serialized_end=1933
+  _globals['_EVICTIONNOTICE']._serialized_start=1935
+  _globals['_EVICTIONNOTICE']._serialized_end=2050
+  _globals['_INTERRUPTED']._serialized_start=2053
+  _globals['_INTERRUPTED']._serialized_end=2189
+  _globals['_SESSIONMOVED']._serialized_start=2191
+  _globals['_SESSIONMOVED']._serialized_end=2284
+  _globals['_ERROR']._serialized_start=2286
+  _globals['_ERROR']._serialized_end=2324
+  _globals['_SESSIONCLOSED']._serialized_start=2326
+  _globals['_SESSIONCLOSED']._serialized_end=2361
+  _globals['_GETLOADREQUEST']._serialized_start=2363
+  _globals['_GETLOADREQUEST']._serialized_end=2379
+  _globals['_WORKERLOAD']._serialized_start=2381
+  _globals['_WORKERLOAD']._serialized_end=2469
+  _globals['_SESSIONS']._serialized_start=2633
+  _globals['_SESSIONS']._serialized_end=2717
+  _globals['_WORKERCONTROL']._serialized_start=2719
+  _globals['_WORKERCONTROL']._serialized_end=2801
 # @@protoc_insertion_point(module_scope)

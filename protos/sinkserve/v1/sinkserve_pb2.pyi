@@ -403,6 +403,7 @@ class ServerMessage(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
     INTERRUPTED_FIELD_NUMBER: _builtins.int
+    MOVED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened:
         """The session is open (or resumed) on this stream."""
@@ -431,6 +432,10 @@ class ServerMessage(_message.Message):
     def interrupted(self) -> Global___Interrupted:
         """Where an interruption cut the reply."""
 
+    @_builtins.property
+    def moved(self) -> Global___SessionMoved:
+        """The session moved to another worker (its worker died or drained)."""
+
     def __init__(
         self,
         *,
@@ -441,12 +446,13 @@ class ServerMessage(_message.Message):
         error: Global___Error | None = ...,
         closed: Global___SessionClosed | None = ...,
         interrupted: Global___Interrupted | None = ...,
+        moved: Global___SessionMoved | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "interrupted", b"interrupted", "kind", b"kind", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "interrupted", b"interrupted", "kind", b"kind", "moved", b"moved", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "interrupted", b"interrupted", "kind", b"kind", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "error", b"error", "eviction", b"eviction", "interrupted", b"interrupted", "kind", b"kind", "moved", b"moved", "opened", b"opened", "token", b"token", "turn_end", b"turn_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "token", "turn_end", "eviction", "error", "closed", "interrupted"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "token", "turn_end", "eviction", "error", "closed", "interrupted", "moved"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -703,6 +709,42 @@ class Interrupted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Interrupted: _TypeAlias = Interrupted  # noqa: Y015
+
+@_typing.final
+class SessionMoved(_message.Message):
+    """The gateway moved the session to another worker, restored from its latest
+    snapshot (taken after every completed turn), on the same client stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TURN_LOST_FIELD_NUMBER: _builtins.int
+    CACHE_LENGTH_FIELD_NUMBER: _builtins.int
+    NUM_TURNS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker that holds the session now."""
+    turn_lost: _builtins.bool
+    """True when a turn was in flight: it is lost and can be sent again."""
+    cache_length: _builtins.int
+    """Tokens cached after the restore."""
+    num_turns: _builtins.int
+    """Turns completed, as restored."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        turn_lost: _builtins.bool = ...,
+        cache_length: _builtins.int = ...,
+        num_turns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_length", b"cache_length", "num_turns", b"num_turns", "turn_lost", b"turn_lost", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionMoved: _TypeAlias = SessionMoved  # noqa: Y015
 
 @_typing.final
 class Error(_message.Message):
