@@ -22,9 +22,11 @@ from services.directory import (
     SessionDirectory,
     WorkerInfo,
 )
-from services.embedded import embedded_stack
-from services.gateway import GatewayMetrics, start_gateway_server
+from services.embedded import embedded_stack, gateway_node, worker_node
+from services.gateway import GatewayMetrics
 from services.logs import configure_logging
+from services.snapshot_store import RedisSnapshotStore
+from worker.persistence import PersistenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to publish",
     )
     worker.add_argument("--heartbeat-s", type=float, default=2.0)
+    worker.add_argument(
+        "--offload-after-s",
+        type=float,
+        default=300.0,
+        help="snapshot and free sessions idle this long (0: never; needs Redis)",
+    )
+    worker.add_argument(
+        "--drain-grace-s", type=float, default=20.0, help="on SIGTERM: time to drain"
+    )
     worker.set_defaults(run=run_worker)
 
     gateway = commands.add_parser("gateway", help="run a gateway")
@@ -270,43 +281,29 @@ async def _with_target(
 
 
 async def run_worker(args: argparse.Namespace) -> int:
-    from worker.server import start_worker_server
-
     registry = CollectorRegistry()
     engine = await asyncio.to_thread(_load_engine, args, registry)
-    engine.start()
     _serve_metrics(args.metrics_port, registry)
-    server, port, servicer = await start_worker_server(
-        engine, f"{args.host}:{args.port}", args.worker_id, engine.loaded.name
-    )
-    address = args.advertise or f"127.0.0.1:{port}"
     directory = RedisDirectory(args.redis_url) if args.redis_url else None
-    heartbeat = None
+    store = RedisSnapshotStore(args.redis_url) if args.redis_url else None
+    offload = args.offload_after_s if args.offload_after_s > 0 else None
+    async with worker_node(
+        engine,
+        directory,
+        f"{args.host}:{args.port}",
+        worker_id=args.worker_id,
+        advertise=args.advertise,
+        store=store,
+        persistence_config=PersistenceConfig(offload_after_s=offload),
+        heartbeat_s=args.heartbeat_s,
+        drain_grace_s=args.drain_grace_s,
+    ):
+        received = await _wait_for_signal()
+        log.info("worker draining (%s)", received.name)
     if directory is not None:
-        info = WorkerInfo(servicer.worker_id, address)
-        heartbeat = asyncio.create_task(_heartbeat(directory, info, args.heartbeat_s))
-    received = await _wait_for_signal()
-    log.info("worker stopping (%s)", received.name)
-    engine.stop_accepting()
-    if heartbeat is not None:
-        heartbeat.cancel()
-        await directory.unregister_worker(servicer.worker_id)
         await directory.close()
-    await server.stop(grace=5)
-    engine.stop()
+        await store.close()
     return 0
-
-
-async def _heartbeat(
-    directory: SessionDirectory, info: WorkerInfo, period_s: float
-) -> None:
-    """Keep the worker's registry entry alive; it expires 3 periods after death."""
-    while True:
-        try:
-            await directory.register_worker(info, ttl_s=3 * period_s)
-        except Exception as error:  # Redis down: keep serving, retry next beat
-            log.warning("worker heartbeat failed: %s", error)
-        await asyncio.sleep(period_s)
 
 
 async def run_gateway(args: argparse.Namespace) -> int:
@@ -315,12 +312,9 @@ async def run_gateway(args: argparse.Namespace) -> int:
     for address in args.worker:
         await directory.register_worker(WorkerInfo(address, address), None)
     _serve_metrics(args.metrics_port, registry)
-    server, _, servicer = await start_gateway_server(
-        directory, f"{args.host}:{args.port}", GatewayMetrics(registry)
-    )
-    await _wait_for_signal()
-    await server.stop(grace=5)
-    await servicer.close()
+    bind = f"{args.host}:{args.port}"
+    async with gateway_node(directory, bind, GatewayMetrics(registry)):
+        await _wait_for_signal()
     await directory.close()
     return 0
 
@@ -336,6 +330,7 @@ async def run_serve(args: argparse.Namespace) -> int:
                 gateway_bind=f"{args.host}:{args.port}",
                 directory=_directory(args),
                 gateway_metrics=GatewayMetrics(registry),
+                store=RedisSnapshotStore(args.redis_url) if args.redis_url else None,
             )
         )
         log.info("serving on port %d (gateway) with an embedded worker", args.port)

@@ -80,6 +80,7 @@ class _Relay:
         self.turn_open = False  # a user turn was sent and has not ended
         self.client_done = False
         self.moving = False  # re-attaching after the worker was lost
+        self.attached = False  # the client has had its SessionOpened
         self.rerouted = False  # the first resume went to a new worker
 
 
@@ -242,6 +243,8 @@ class GatewayServicer(pb_grpc.SessionsServicer):
     ) -> AsyncIterator[pb.ServerMessage]:
         """Relay one session, moving it when its worker dies or drains."""
         attach = first
+        if first.WhichOneof("kind") == "resume":
+            relay.session_id = first.resume.session_id
         lost_workers: set[str] = set()
         while True:
             call = pb_grpc.SessionsStub(self.channel(worker.address)).Converse()
@@ -293,13 +296,17 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         """Record the affinity; the first attach answers `opened`, a move
         answers `moved`."""
         relay.session_id = opened.session_id
+        first_attach = not relay.attached
+        relay.attached = True
         if attach.WhichOneof("kind") == "open":
             self.metrics.sessions_opened.inc()
         if attach.WhichOneof("kind") == "open" or relay.moving or relay.rerouted:
             await self._directory(
                 self.directory.put_session(opened.session_id, worker.worker_id)
             )
-        if not relay.moving:
+        relay.rerouted = False
+        if first_attach:
+            relay.moving = False
             return pb.ServerMessage(opened=opened)
         relay.moving = False
         self.metrics.sessions_moved.inc()

@@ -141,6 +141,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop_accepting(self) -> None:
         with self._cond:
             self._accepting = False
