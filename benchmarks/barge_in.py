@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -126,13 +127,6 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s", path)
-
-
-async def close_quietly(conversation: Conversation) -> None:
-    try:
-        await conversation.close()
-    except RequestRefused as error:  # the session is closed all the same
-        log.warning("stream ended badly after close: %s", error)
 
 
 # -- the benchmark ----------------------------------------------------------------
@@ -285,74 +279,104 @@ async def interrupt_once(
     )
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The interruptions against the gateway at `address`."""
     rng = random.Random(args.seed)
     questions = [q.turns[0] for q in mtbench_questions()]
     rng.shuffle(questions)
-    engine = await asyncio.to_thread(load_engine, args)
     samples: list[Sample] = []
     gaps_s: list[float] = []
     skipped = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        conversation = Conversation(channel)
+        # Sampled replies, so that they run long and differ turn to turn.
+        sampling = pb.SamplingParams(temperature=0.7, seed=args.seed)
+        await conversation.open(sampling=sampling)
+        inbox = Inbox(conversation)
+        # Warm-up turn, not counted: the first forward passes are slow, and
+        # its token gaps seed the random delay of the first interruption.
+        warm_up = pb.UserTurn(text="Hello! Who are you?", max_new_tokens=16)
+        await conversation.send(pb.ClientMessage(user_turn=warm_up))
+        arrivals = []
+        while (item := await inbox.get())[1].WhichOneof("kind") != "turn_end":
+            arrivals.append(item[0])
+        gaps_s.extend(b - a for a, b in itertools.pairwise(arrivals[1:]))
+        index = 0
+        while len(samples) < args.interruptions:
+            question = questions[index % len(questions)]
+            index += 1
+            sample = await interrupt_once(
+                conversation, inbox, question, rng, args.max_new_tokens, gaps_s
+            )
+            if sample is None:
+                skipped += 1
+                continue
+            samples.append(sample)
+            log.info(
+                "%d/%d: Interrupted after %.1f ms (%d tokens after the send)",
+                len(samples),
+                args.interruptions,
+                sample.interrupted_ms,
+                sample.tokens_after,
+            )
+        # The inbox owns the reads: send the close and let it see the end.
+        await conversation.send(pb.ClientMessage(close=pb.CloseSession()))
+        try:
+            await inbox.task
+        except RequestRefused as error:  # the session is closed all the same
+            log.warning("the stream ended badly after the close: %s", error)
+    return {"samples": samples, "gaps_s": gaps_s, "skipped": skipped}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    async with embedded_stack(engine) as stack:
-        async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
-            conversation = Conversation(channel)
-            # Sampled replies, so that they run long and differ turn to turn.
-            sampling = pb.SamplingParams(temperature=0.7, seed=args.seed)
-            await conversation.open(sampling=sampling)
-            # Warm-up turn, not counted: the first forward passes are slow.
-            async for _ in conversation.ask("Hello! Who are you?", 16):
-                pass
-            index = 0
-            while len(samples) < args.interruptions:
-                question = questions[index % len(questions)]
-                index += 1
-                sample = await interrupt_once(
-                    conversation, question, rng, args.max_new_tokens, gaps_s
-                )
-                if sample is None:
-                    skipped += 1
-                    continue
-                samples.append(sample)
-                log.info(
-                    "%d/%d: Interrupted after %.1f ms (%d tokens after the send)",
-                    len(samples),
-                    args.interruptions,
-                    sample.interrupted_ms,
-                    sample.tokens_after,
-                )
-            await close_quietly(conversation)
+    machine_before = machine()
+    engine = None
+    if args.target:
+        measured = await measure(args.target, args)
+    else:
+        engine = await asyncio.to_thread(load_engine, args)
+        async with embedded_stack(engine) as stack:
+            measured = await measure(stack.gateway_address, args)
     elapsed_s = time.perf_counter() - started
+    samples: list[Sample] = measured["samples"]
+    gaps_s: list[float] = measured["gaps_s"]
 
     step_ms = statistics.median(gaps_s) * 1000.0
     interrupted = percentiles_ms([s.interrupted_ms / 1000.0 for s in samples])
     turn_end = percentiles_ms([s.turn_end_ms / 1000.0 for s in samples])
     after = [s.last_token_after_ms for s in samples if s.last_token_after_ms]
-    metrics = engine.metrics
+    worker: dict[str, float | None] = {}
+    if engine is not None:
+        for key, name in (
+            ("inter_token_mean", "inter_token_latency_seconds"),
+            ("step_mean", "step_duration_seconds"),
+            ("interruption_latency_mean", "interruption_latency_seconds"),
+        ):
+            worker[key] = histogram_mean_ms(engine.metrics, f"sinkserve_worker_{name}")
     return {
         "benchmark": "barge_in",
-        "model": engine.loaded.name,
-        "device": args.device,
-        "dtype": args.dtype,
-        "machine": machine(),
+        "server": args.target or "embedded (gateway + worker in this process)",
+        "model": engine.loaded.name if engine else "the target's",
+        "device": args.device if engine else None,
+        "dtype": args.dtype if engine else None,
+        "machine": machine_before,
+        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "config": {
             "interruptions": args.interruptions,
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
-            "interrupt_after_tokens": "uniform in [1, 64]",
-            "engine": asdict(engine.config),
+            "interrupt_point": "after uniform [1, 64] tokens, then uniform "
+            "[0, median token gap] seconds",
+            "engine": asdict(engine.config) if engine else None,
         },
         "elapsed_s": elapsed_s,
-        "skipped_replies_ended_first": skipped,
+        "skipped_replies_ended_first": measured["skipped"],
         "decode_step_ms": {
             "client_token_gap_median": step_ms,
             "client_token_gap_p90": float(np.percentile(gaps_s, 90) * 1000.0),
-            "worker_inter_token_mean": histogram_mean_ms(
-                metrics, "sinkserve_worker_inter_token_latency_seconds"
-            ),
-            "worker_step_mean": histogram_mean_ms(
-                metrics, "sinkserve_worker_step_duration_seconds"
-            ),
+            "worker_inter_token_mean": worker.get("inter_token_mean"),
+            "worker_step_mean": worker.get("step_mean"),
         },
         "interrupted_ms": interrupted,
         "turn_end_ms": turn_end,
@@ -360,9 +384,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p50": interrupted["p50"] / step_ms,
             "p99": interrupted["p99"] / step_ms,
         },
-        "worker_interruption_latency_mean_ms": histogram_mean_ms(
-            metrics, "sinkserve_worker_interruption_latency_seconds"
-        ),
+        "worker_interruption_latency_mean_ms": worker.get("interruption_latency_mean"),
         "tokens_after_interrupt": {
             "mean": statistics.fmean(s.tokens_after for s in samples),
             "max": max(s.tokens_after for s in samples),
@@ -384,7 +406,8 @@ def summary(result: dict[str, Any]) -> str:
     after = result["tokens_after_interrupt"]
     return (
         f"{len(result['samples'])} interruptions in {result['elapsed_s']:.0f} s "
-        f"on {result['machine']['cpu']} ({result['device']}, {result['dtype']})\n"
+        f"on {result['machine']['cpu']} ({result['device']}, {result['dtype']}), "
+        f"load average {result['machine'].get('loadavg_at_start')}\n"
         f"decode step (median token gap): {step:.1f} ms\n"
         f"Interrupted: p50 {cut['p50']:.1f} ms ({steps['p50']:.2f} steps), "
         f"p99 {cut['p99']:.1f} ms ({steps['p99']:.2f} steps), "
@@ -409,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reply limit; long enough that most replies are still generating",
     )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "barge_in.json")
+    parser.add_argument(
+        "--target", help="a running gateway host:port (default: embedded SmolLM2)"
+    )
     add_model_flags(parser)
     return parser
 

@@ -41,6 +41,11 @@ class GatewayMetrics:
             "Sessions placed on a worker.",
             registry=r,
         )
+        self.sessions_moved = Counter(
+            f"{prefix}_sessions_moved_total",
+            "Sessions moved to another worker after theirs died or drained.",
+            registry=r,
+        )
         self.tokens_relayed = Counter(
             f"{prefix}_tokens_relayed_total",
             "Token deltas relayed to clients.",

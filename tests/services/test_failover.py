@@ -1,0 +1,240 @@
+"""Sessions outlive their worker: kill, drain, offload, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from contextlib import AsyncExitStack
+
+import grpc
+import pytest
+from pytest_redis import factories
+
+from protos.sinkserve.v1 import sinkserve_pb2 as pb
+from services.client import Conversation, RequestRefused
+from services.directory import RedisDirectory
+from services.embedded import gateway_node, worker_node
+from services.snapshot_store import RedisSnapshotStore
+from tests.worker.test_engine import run_turn
+from worker.engine import Engine, EngineConfig
+from worker.model import prepare_model
+from worker.persistence import PersistenceConfig
+from worker.session import SamplingParams, TokenEvent
+
+failover_redis = factories.redis_proc(port=None)
+QUESTIONS = ["First question", "Second one", "Third", "Fourth and last"]
+SAMPLING = pb.SamplingParams(max_new_tokens=8)
+
+
+def url_of(proc) -> str:
+    return f"redis://{proc.host}:{proc.port}/0"
+
+
+def twin_engine(tiny, tokenizer) -> Engine:
+    """An engine on an exact copy of the tiny model's weights."""
+    _, reference = tiny
+    loaded = prepare_model(copy.deepcopy(reference), tokenizer, max_positions=4096)
+    return Engine(loaded, EngineConfig(window_size=200))
+
+
+def reference_replies(tiny, tokenizer, count: int) -> list[list[int]]:
+    """Greedy replies of a session that never moves."""
+    engine = twin_engine(tiny, tokenizer)
+    session = engine.open_session(None, SamplingParams(max_new_tokens=8))
+    replies = []
+    for question in QUESTIONS[:count]:
+        events = run_turn(engine, session, question)
+        replies.append([e.token_id for e in events if isinstance(e, TokenEvent)])
+    return replies
+
+
+class Cluster:
+    """A gateway and two workers sharing Redis, in this process."""
+
+    def __init__(self, tiny, tokenizer, url: str, offload_after_s: float | None = None):
+        self.tiny, self.tokenizer, self.url = tiny, tokenizer, url
+        self.namespace = f"test-{uuid.uuid4().hex[:8]}"
+        self.offload_after_s = offload_after_s
+        self.exits = AsyncExitStack()
+
+    async def __aenter__(self) -> Cluster:
+        self.directory = RedisDirectory(self.url, namespace=self.namespace)
+        self.nodes = {}
+        for name in ("a", "b"):
+            store = RedisSnapshotStore(
+                self.url, namespace=self.namespace, timeout_s=1.0
+            )
+            self.exits.push_async_callback(store.close)
+            node = await self.exits.enter_async_context(
+                worker_node(
+                    twin_engine(self.tiny, self.tokenizer),
+                    self.directory,
+                    worker_id=name,
+                    store=store,
+                    persistence_config=PersistenceConfig(
+                        offload_after_s=self.offload_after_s, offload_check_s=0.2
+                    ),
+                    drain_grace_s=2,
+                )
+            )
+            self.nodes[name] = node
+        self.address, self.gateway = await self.exits.enter_async_context(
+            gateway_node(self.directory)
+        )
+        self.channel = grpc.aio.insecure_channel(self.address)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+        await self.exits.aclose()
+        await self.directory.close()
+
+    async def flushed(self) -> None:
+        """Wait for every background snapshot write."""
+        for node in self.nodes.values():
+            if node.persistence is not None:
+                while node.persistence._tasks:
+                    await asyncio.sleep(0.01)
+
+
+async def ask(conversation: Conversation, text: str) -> list[pb.ServerMessage]:
+    return [m async for m in conversation.ask(text)]
+
+
+def tokens(messages) -> list[int]:
+    return [m.token.token_id for m in messages if m.WhichOneof("kind") == "token"]
+
+
+async def open_sessions(cluster: Cluster, count: int, turns: int):
+    conversations = []
+    for _ in range(count):
+        conversation = Conversation(cluster.channel)
+        await conversation.open(sampling=SAMPLING)
+        for question in QUESTIONS[:turns]:
+            await ask(conversation, question)
+        conversations.append(conversation)
+    await cluster.flushed()
+    return conversations
+
+
+@pytest.fixture()
+def url(failover_redis) -> str:
+    return url_of(failover_redis)
+
+
+async def test_killed_worker_sessions_continue_elsewhere_identically(
+    tiny, tokenizer, url
+):
+    expected = reference_replies(tiny, tokenizer, 4)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversations = await open_sessions(cluster, 4, turns=2)
+        on_a = [c for c in conversations if c.opened.worker_id == "a"]
+        assert on_a and len(on_a) < 4, "placement spreads sessions over both workers"
+        await cluster.nodes["a"].kill()
+        for conversation in conversations:
+            moved = conversation.opened.worker_id == "a"
+            messages = await ask(conversation, QUESTIONS[2])
+            if moved:
+                assert messages[0].WhichOneof("kind") == "moved"
+                assert messages[0].moved.worker_id == "b"
+                assert not messages[0].moved.turn_lost
+            assert tokens(messages) == expected[2]
+            assert tokens(await ask(conversation, QUESTIONS[3])) == expected[3]
+        engine_b = cluster.nodes["b"].engine
+        assert len(engine_b.sessions) == 4
+        assert engine_b.metrics.restores._value.get() == len(on_a)
+
+
+async def test_a_turn_in_flight_when_the_worker_dies_is_reported_lost(
+    tiny, tokenizer, url
+):
+    expected = reference_replies(tiny, tokenizer, 3)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversation = Conversation(cluster.channel)
+        opened = await conversation.open(sampling=pb.SamplingParams(max_new_tokens=8))
+        await ask(conversation, QUESTIONS[0])
+        await ask(conversation, QUESTIONS[1])
+        await cluster.flushed()
+        node = cluster.nodes[opened.worker_id]
+        await conversation.send(
+            pb.ClientMessage(user_turn=pb.UserTurn(text="Lost turn"))
+        )
+        await node.kill()
+        moved = None
+        async for message in conversation.events():
+            if message.WhichOneof("kind") == "moved":
+                moved = message.moved
+                break
+        assert moved.turn_lost and moved.num_turns == 2
+        assert tokens(await ask(conversation, QUESTIONS[2])) == expected[2]
+
+
+async def test_drained_worker_hands_its_sessions_over(tiny, tokenizer, url):
+    expected = reference_replies(tiny, tokenizer, 3)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversations = await open_sessions(cluster, 3, turns=2)
+        node = cluster.nodes["a"]
+        await node.drain(cluster.directory, grace_s=2)
+        for conversation in conversations:
+            messages = await ask(conversation, QUESTIONS[2])
+            assert tokens(messages) == expected[2]
+        assert [w.worker_id for w in await cluster.directory.live_workers()] == ["b"]
+
+
+async def test_idle_sessions_are_offloaded_and_restored_on_their_next_turn(
+    tiny, tokenizer, url
+):
+    expected = reference_replies(tiny, tokenizer, 3)
+    async with Cluster(tiny, tokenizer, url, offload_after_s=0.3) as cluster:
+        conversation = Conversation(cluster.channel)
+        opened = await conversation.open(sampling=SAMPLING)
+        await ask(conversation, QUESTIONS[0])
+        await ask(conversation, QUESTIONS[1])
+        await conversation.detach()
+        engine = cluster.nodes[opened.worker_id].engine
+        for _ in range(50):
+            if opened.session_id not in engine.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert opened.session_id not in engine.sessions, "offloaded"
+        resumed = Conversation(cluster.channel)
+        reopened = await resumed.resume(opened.session_id)
+        assert reopened.num_turns == 2
+        assert tokens(await ask(resumed, QUESTIONS[2])) == expected[2]
+        await resumed.close()
+
+
+async def test_redis_outage_spares_live_sessions(tiny, tokenizer, failover_redis):
+    async with Cluster(tiny, tokenizer, url_of(failover_redis)) as cluster:
+        conversation = Conversation(cluster.channel)
+        await conversation.open(sampling=SAMPLING)
+        await ask(conversation, QUESTIONS[0])
+        failover_redis.stop()
+        try:
+            # The live session keeps going; its snapshots fail and are counted.
+            messages = await ask(conversation, QUESTIONS[1])
+            assert messages[-1].turn_end.turn == 2
+            with pytest.raises(RequestRefused) as caught:
+                await Conversation(cluster.channel).open(sampling=SAMPLING)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "directory unavailable" in caught.value.message
+            await cluster.flushed()  # the snapshot writes fail while it is down
+        finally:
+            failover_redis.start()
+        failures = sum(
+            n.engine.metrics.snapshot_failures._value.get()
+            for n in cluster.nodes.values()
+        )
+        assert failures >= 1
+        # Redis is back (empty): workers re-register on their next beat or,
+        # here, explicitly; new sessions are placed again.
+        for name, node in cluster.nodes.items():
+            from services.directory import WorkerInfo
+
+            await cluster.directory.register_worker(
+                WorkerInfo(name, node.address), None
+            )
+        fresh = Conversation(cluster.channel)
+        await fresh.open(sampling=SAMPLING)
+        assert (await ask(fresh, QUESTIONS[0]))[-1].turn_end.turn == 1
