@@ -71,6 +71,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64"))
     )
     group.add_argument("--prefill-chunk-size", type=int, default=256)
+    group.add_argument(
+        "--eviction",
+        choices=["tokens", "turns"],
+        default="tokens",
+        help="default policy",
+    )
     group.add_argument("--max-turn-tokens", type=int, default=8192)
     group.add_argument("--max-new-tokens", type=int, default=256)
 
@@ -109,6 +115,12 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--session-sink-size", type=int, default=None)
     group.add_argument("--session-window-size", type=int, default=0)
+    group.add_argument(
+        "--session-eviction",
+        choices=["default", "tokens", "turns"],
+        default="default",
+        help="evict the oldest tokens, or the oldest whole turns",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +220,7 @@ def _load_engine(args: argparse.Namespace, registry: CollectorRegistry | None = 
     from worker.engine import Engine, EngineConfig
     from worker.metrics import WorkerMetrics
     from worker.model import load_model, resolve_model
+    from worker.session import EvictionPolicy
 
     device = args.device
     if device == "auto":
@@ -227,6 +240,7 @@ def _load_engine(args: argparse.Namespace, registry: CollectorRegistry | None = 
         prefill_chunk_size=args.prefill_chunk_size,
         max_turn_tokens=args.max_turn_tokens,
         max_new_tokens=args.max_new_tokens,
+        eviction=EvictionPolicy(args.eviction),
     )
     log.info("model %s loaded on %s in %s", loaded.name, device, dtype_name)
     return Engine(loaded, config, WorkerMetrics(registry))
@@ -263,6 +277,11 @@ def _open_kwargs(args: argparse.Namespace) -> dict:
         "sampling": sampling,
         "sink_size": args.session_sink_size,
         "window_size": args.session_window_size,
+        "eviction": {
+            "default": pb.EVICTION_UNSPECIFIED,
+            "tokens": pb.EVICTION_TOKENS,
+            "turns": pb.EVICTION_TURNS,
+        }[args.session_eviction],
     }
 
 

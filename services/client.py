@@ -46,8 +46,9 @@ class Conversation:
         sampling: pb.SamplingParams | None = None,
         sink_size: int | None = None,
         window_size: int = 0,
+        eviction: int = pb.EVICTION_UNSPECIFIED,
     ) -> pb.SessionOpened:
-        cache = pb.CacheSettings(window_size=window_size)
+        cache = pb.CacheSettings(window_size=window_size, eviction=eviction)
         if sink_size is not None:
             cache.sink_size = sink_size
         message = pb.OpenSession(sampling=sampling or pb.SamplingParams(), cache=cache)

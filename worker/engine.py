@@ -37,6 +37,7 @@ from worker.session import (
     Cut,
     EndReason,
     EvictionEvent,
+    EvictionPolicy,
     InterruptedEvent,
     SamplingParams,
     Session,
@@ -65,6 +66,7 @@ class EngineConfig:
     max_turn_tokens: int = 8192
     max_new_tokens: int = 256
     max_new_tokens_limit: int = 4096
+    eviction: EvictionPolicy = EvictionPolicy.TOKENS
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -164,9 +166,10 @@ class Engine:
         sink_size: int | None = None,
         window_size: int | None = None,
         session_id: str | None = None,
+        eviction: EvictionPolicy | None = None,
     ) -> Session:
         cfg = self.config
-        cache_config = self._cache_config(sink_size, window_size)
+        cache_config = self._cache_config(sink_size, window_size, eviction)
         sampling.validate(cfg.max_new_tokens_limit)
         if system_prompt is not None and not system_prompt.strip():
             raise InvalidRequest("the system prompt is blank; omit it for the default")
@@ -186,6 +189,7 @@ class Engine:
                 cache_config.sink_size,
                 cache_config.window_size,
                 cache_config.evict_size,
+                whole_turns=cache_config.eviction is EvictionPolicy.TURNS,
             )
             session = Session(session_id, cache, cache_config, sampling, system_ids)
             self.sessions[session_id] = session
@@ -438,7 +442,10 @@ class Engine:
         log.info("session %s closed", session_id)
 
     def _cache_config(
-        self, sink_size: int | None, window_size: int | None
+        self,
+        sink_size: int | None,
+        window_size: int | None,
+        eviction: EvictionPolicy | None = None,
     ) -> CacheConfig:
         cfg = self.config
         sink = cfg.sink_size if sink_size is None else sink_size
@@ -453,7 +460,8 @@ class Engine:
                 f"(sink_size <= {cfg.max_sink_size}, "
                 f"window_size <= {cfg.max_window_size})"
             )
-        return CacheConfig(sink, window, min(cfg.evict_size, window))
+        policy = eviction or cfg.eviction
+        return CacheConfig(sink, window, min(cfg.evict_size, window), policy)
 
     # -- the loop ------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from worker.persistence import SessionPersistence
 from worker.session import (
     EndReason,
     EvictionEvent,
+    EvictionPolicy,
     InterruptedEvent,
     SamplingParams,
     Session,
@@ -33,6 +34,10 @@ _END_REASONS = {
     EndReason.CANCELLED: pb.END_REASON_CANCELLED,
     EndReason.ERROR: pb.END_REASON_ERROR,
     EndReason.INTERRUPTED: pb.END_REASON_INTERRUPTED,
+}
+_EVICTIONS = {
+    pb.EVICTION_TOKENS: EvictionPolicy.TOKENS,
+    pb.EVICTION_TURNS: EvictionPolicy.TURNS,
 }
 _CLIENT_DONE = object()  # the client half-closed its side of the stream
 _CLOSED = object()  # the session was closed; end the stream
@@ -193,6 +198,7 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                     sampling_from_pb(open_.sampling, self.engine.config.max_new_tokens),
                     cache.sink_size if cache.HasField("sink_size") else None,
                     cache.window_size or None,
+                    eviction=_EVICTIONS.get(cache.eviction),
                 ),
                 False,
             )

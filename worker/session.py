@@ -23,6 +23,7 @@ class SessionState(enum.Enum):
 
 class EvictionPolicy(enum.Enum):
     TOKENS = "tokens"  # the oldest unpinned tokens leave, a block at a time
+    TURNS = "turns"  # the oldest unpinned turns leave whole
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class CacheConfig:
     sink_size: int
     window_size: int
     evict_size: int
+    eviction: EvictionPolicy = EvictionPolicy.TOKENS
 
     @property
     def cache_size(self) -> int:

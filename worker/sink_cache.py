@@ -66,6 +66,7 @@ class SinkCache:
         window_size: int,
         evict_size: int = 1,
         headroom: int = 0,
+        whole_turns: bool = False,
     ):
         if sink_size < 0 or window_size < 1 or evict_size < 1 or headroom < 0:
             raise ValueError("sink_size >= 0, window_size >= 1, evict_size >= 1")
@@ -85,6 +86,8 @@ class SinkCache:
         self.window_size = window_size
         self.cache_size = sink_size + window_size
         self.evict_size = evict_size
+        # Evict whole oldest turns: a turn that no longer fits leaves entirely.
+        self.whole_turns = whole_turns
         self.capacity = capacity
         self.length = 0
         self.token_ids: list[int] = []
@@ -190,6 +193,8 @@ class SinkCache:
         count = min(count, self.length - first)
         if count <= 0:
             return None
+        if self.whole_turns:
+            count = self._to_turn_boundary(first, count)
         kept = self.length - first - count
         src = slice(first + count, self.length)
         dst = slice(first, first + kept)
@@ -210,6 +215,19 @@ class SinkCache:
             turn_partial=partial[0] if partial else None,
             length_after=self.length,
         )
+
+    def _to_turn_boundary(self, first: int, count: int) -> int:
+        """Round an eviction up to the end of the turn it cuts into, unless
+        that turn is the newest: its tokens are still arriving, and a turn
+        longer than the window can only be evicted token by token."""
+        end = first + count
+        newest = self.turn_ids[self.length - 1]
+        cut_turn = self.turn_ids[end - 1]
+        if cut_turn == newest:
+            return count
+        while end < self.length and self.turn_ids[end] == cut_turn:
+            end += 1
+        return end - first
 
     def _refresh(self, layer: int, end: int) -> None:
         """Re-rotate a layer's moved keys; `end` is the cache length."""

@@ -37,7 +37,13 @@ from typing import Any, cast
 import torch
 
 from worker.rotary import RotaryTables
-from worker.session import CacheConfig, SamplingParams, Session, SessionState
+from worker.session import (
+    CacheConfig,
+    EvictionPolicy,
+    SamplingParams,
+    Session,
+    SessionState,
+)
 from worker.sink_cache import CacheShape, SinkCache
 
 log = logging.getLogger(__name__)
@@ -132,6 +138,7 @@ def encode_image(image: SessionImage, fingerprint: str) -> bytes:
         "sink_size": image.config.sink_size,
         "window_size": image.config.window_size,
         "evict_size": image.config.evict_size,
+        "eviction": image.config.eviction.value,
         "headroom": image.headroom,
         "pin_target": image.pin_target,
         "length": len(image.token_ids),
@@ -213,6 +220,11 @@ def parse_snapshot(
     )
     sink, window = _int(h, "sink_size", 0), _int(h, "window_size", 1)
     evict, headroom = _int(h, "evict_size", 1), _int(h, "headroom", 0)
+    policies = {p.value: p for p in EvictionPolicy}
+    _require(
+        h.get("eviction") in policies, f"unknown eviction policy {h.get('eviction')!r}"
+    )
+    eviction = policies[h["eviction"]]
     cache_size = sink + window
     _require(
         cache_size + headroom <= max_positions,
@@ -249,7 +261,7 @@ def parse_snapshot(
     k_raw, v = _read_tensors(view[body:], h, [*want[:2], length, want[2]], dtype)
     return SessionImage(
         session_id=session_id,
-        config=CacheConfig(sink, window, evict),
+        config=CacheConfig(sink, window, evict, eviction),
         headroom=headroom,
         pin_target=pin_target,
         token_ids=token_ids,
@@ -275,7 +287,13 @@ def restore_session(
     """
     cfg = image.config
     cache = SinkCache(
-        shape, rotary, cfg.sink_size, cfg.window_size, cfg.evict_size, image.headroom
+        shape,
+        rotary,
+        cfg.sink_size,
+        cfg.window_size,
+        cfg.evict_size,
+        image.headroom,
+        whole_turns=cfg.eviction is EvictionPolicy.TURNS,
     )
     if image.token_ids:
         k_raw, v = image.k_raw.to(shape.device), image.v.to(shape.device)

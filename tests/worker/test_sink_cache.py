@@ -152,3 +152,37 @@ def test_truncate_drops_the_newest_tokens(tiny):
     runner.forward([(cache, [600], [2])])
     assert cache.token_ids[-1] == 600
     assert_consistent(loaded, cache)
+
+
+def test_whole_turn_eviction_never_leaves_half_a_turn(tiny):
+    loaded, _ = tiny
+    config = loaded.model.config
+    shape = CacheShape(
+        config.num_hidden_layers,
+        config.num_key_value_heads,
+        16,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    cache = SinkCache(shape, loaded.rotary, 2, 20, evict_size=1, whole_turns=True)
+    runner = ModelRunner(loaded)
+    runner.forward([(cache, [1, 2], [0, 0])])
+    for turn in range(1, 12):
+        _, evictions = runner.forward([(cache, [100 + turn] * 5, [turn] * 5)])
+        for eviction in evictions[0]:
+            assert eviction.turn_partial is None
+            assert eviction.num_evicted % 5 == 0
+        unpinned = cache.turn_ids[2:]
+        assert all(unpinned.count(t) == 5 for t in set(unpinned))
+        assert_consistent(loaded, cache)
+
+
+def test_whole_turn_eviction_splits_a_turn_longer_than_the_window(tiny):
+    loaded, _ = tiny
+    cache = make_cache(loaded, sink=2, window=10)
+    cache.whole_turns = True
+    runner = ModelRunner(loaded)
+    runner.forward([(cache, [1, 2], [0, 0])])
+    for i in range(30):  # one long turn, token by token
+        runner.forward([(cache, [200 + i], [1])])
+    assert cache.length == 12 and cache.token_ids[2:] == list(range(220, 230))

@@ -24,6 +24,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Eviction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EvictionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Eviction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVICTION_UNSPECIFIED: _Eviction.ValueType  # 0
+    """The worker's default."""
+    EVICTION_TOKENS: _Eviction.ValueType  # 1
+    """The oldest unpinned tokens leave, a block at a time."""
+    EVICTION_TURNS: _Eviction.ValueType  # 2
+    """The oldest unpinned turns leave whole, so no half question remains (a
+    single turn longer than the window is still evicted token by token).
+    """
+
+class Eviction(_Eviction, metaclass=_EvictionEnumTypeWrapper):
+    """Eviction policies."""
+
+EVICTION_UNSPECIFIED: Eviction.ValueType  # 0
+"""The worker's default."""
+EVICTION_TOKENS: Eviction.ValueType  # 1
+"""The oldest unpinned tokens leave, a block at a time."""
+EVICTION_TURNS: Eviction.ValueType  # 2
+"""The oldest unpinned turns leave whole, so no half question remains (a
+single turn longer than the window is still evicted token by token).
+"""
+Global___Eviction: _TypeAlias = Eviction  # noqa: Y015
+
 class _EndReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -173,21 +201,25 @@ class CacheSettings(_message.Message):
 
     SINK_SIZE_FIELD_NUMBER: _builtins.int
     WINDOW_SIZE_FIELD_NUMBER: _builtins.int
+    EVICTION_FIELD_NUMBER: _builtins.int
     sink_size: _builtins.int
     """Leading tokens pinned as attention sinks (the system prompt is pinned
     as well, whatever its length).
     """
     window_size: _builtins.int
     """Most recent tokens kept besides the pinned ones."""
+    eviction: Global___Eviction.ValueType
+    """What leaves the cache when it is full."""
     def __init__(
         self,
         *,
         sink_size: _builtins.int | None = ...,
         window_size: _builtins.int = ...,
+        eviction: Global___Eviction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sink_size", b"_sink_size", "sink_size", b"sink_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sink_size", b"_sink_size", "sink_size", b"sink_size", "window_size", b"window_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sink_size", b"_sink_size", "eviction", b"eviction", "sink_size", b"sink_size", "window_size", b"window_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sink_size: _TypeAlias = _typing.Literal["sink_size"]  # noqa: Y015
     _WhichOneofArgType__sink_size: _TypeAlias = _typing.Literal["_sink_size", b"_sink_size"]  # noqa: Y015
