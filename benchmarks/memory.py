@@ -98,6 +98,7 @@ def main() -> None:
     out = RESULTS / "memory.json"
     out.write_text(json.dumps(result, indent=1))
     rows = result["rows"]
+    ratio = result["cache_bytes_per_token"] / result["theoretical_bytes_per_token"]
     print(
         f"streamed {args.tokens} tokens in {result['seconds']:.0f} s\n"
         f"RSS {rows[0]['rss_bytes'] / 2**20:.0f} MiB at 1k tokens, "
@@ -107,7 +108,7 @@ def main() -> None:
         f"{result['cache_spread_after_fill']:.2%})\n"
         f"bytes per cached token: {result['cache_bytes_per_token']:.0f} against "
         f"{result['theoretical_bytes_per_token']} theoretical "
-        f"({result['cache_bytes_per_token'] / result['theoretical_bytes_per_token']:.2f}x)"
+        f"({ratio:.2f}x)"
         f"\nwritten to {out}"
     )
 
