@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from transformers import GenerationConfig
 
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services.client import Conversation
@@ -145,8 +146,12 @@ def row_throughput(loaded: LoadedModel, batch_sizes: list[int], steps: int) -> d
     )
     runner = ModelRunner(loaded)
     engine = Engine(loaded)
-    ours, hf = {}, {}
+    ours, hf, cb = {}, {}, {}
     model = loaded.model
+    # Continuous batching in transformers: paged attention, no eos stop.
+    cb_config = GenerationConfig(
+        max_new_tokens=steps, do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
     for batch in batch_sizes:
         caches = [
             SinkCache(engine.cache_shape, loaded.rotary, 4, 1020) for _ in range(batch)
@@ -168,6 +173,14 @@ def row_throughput(loaded: LoadedModel, batch_sizes: list[int], steps: int) -> d
                 ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False
             )
             hf[batch] = batch * steps / (time.perf_counter() - started)
+            model.generate_batch(
+                [prompt] * batch, generation_config=cb_config, progress_bar=False
+            )
+            started = time.perf_counter()
+            model.generate_batch(
+                [prompt] * batch, generation_config=cb_config, progress_bar=False
+            )
+            cb[batch] = batch * steps / (time.perf_counter() - started)
         finally:
             model.set_attn_implementation("sinkserve")
         log.info(
@@ -179,6 +192,8 @@ def row_throughput(loaded: LoadedModel, batch_sizes: list[int], steps: int) -> d
     return {
         "ours_tokens_per_s": ours,
         "transformers_generate_tokens_per_s": hf,
+        "transformers_continuous_batching_tokens_per_s": cb,
+        "ours_vs_continuous_batching": {b: ours[b] / cb[b] for b in ours},
         "ours_scaling_vs_single": {b: ours[b] / ours[batch_sizes[0]] for b in ours},
         "ours_vs_transformers": {b: ours[b] / hf[b] for b in ours},
     }
