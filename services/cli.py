@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services import replay as replay_mod
+from services.client import RequestRefused
 from services.directory import (
     MemoryDirectory,
     RedisDirectory,
@@ -33,6 +34,23 @@ log = logging.getLogger(__name__)
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"SINKSERVE_{name}", default)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = _env(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(
+            f"sinkserve: SINKSERVE_{name}={value!r} is not an integer"
+        ) from None
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in [0, 65535]")
+    return port
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,18 +76,14 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--sink-size", type=int, default=int(_env("SINK_SIZE", "4")))
-    group.add_argument(
-        "--window-size", type=int, default=int(_env("WINDOW_SIZE", "1020"))
-    )
+    group.add_argument("--sink-size", type=int, default=_env_int("SINK_SIZE", 4))
+    group.add_argument("--window-size", type=int, default=_env_int("WINDOW_SIZE", 1020))
     group.add_argument("--max-sink-size", type=int, default=64)
     group.add_argument("--max-window-size", type=int, default=4092)
     group.add_argument(
         "--evict-size", type=int, default=32, help="tokens evicted at once when full"
     )
-    group.add_argument(
-        "--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64"))
-    )
+    group.add_argument("--max-sessions", type=int, default=_env_int("MAX_SESSIONS", 64))
     group.add_argument("--prefill-chunk-size", type=int, default=256)
     group.add_argument(
         "--eviction",
@@ -84,11 +98,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def _add_server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default=_env("HOST", "0.0.0.0"))
-    group.add_argument("--port", type=int, default=int(_env("PORT", str(port))))
+    group.add_argument("--port", type=_port, default=_env_int("PORT", port))
     group.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT", "0")),
+        type=_port,
+        default=_env_int("METRICS_PORT", 0),
         help="Prometheus /metrics port (0: off)",
     )
     group.add_argument(
@@ -151,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--drain-grace-s", type=float, default=20.0, help="on SIGTERM: time to drain"
     )
+    worker.add_argument(
+        "--reap-after-s",
+        type=float,
+        default=3600.0,
+        help="without Redis: close sessions left with no stream this long",
+    )
     worker.set_defaults(run=run_worker)
 
     gateway = commands.add_parser("gateway", help="run a gateway")
@@ -203,12 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_json)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configure_logging(args.log_level, args.log_json)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         return asyncio.run(args.run(args)) or 0
     except KeyboardInterrupt:
         return 130
+    except (RequestRefused, FileNotFoundError, ValueError, OSError) as error:
+        # Errors a person can act on: one line, not a traceback.
+        print(f"sinkserve: {error}", file=sys.stderr)
+        return 1
 
 
 # -- building blocks ----------------------------------------------------------
@@ -316,6 +344,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         persistence_config=PersistenceConfig(offload_after_s=offload),
         heartbeat_s=args.heartbeat_s,
         drain_grace_s=args.drain_grace_s,
+        reap_after_s=args.reap_after_s or None,
     ):
         received = await _wait_for_signal()
         log.info("worker draining (%s)", received.name)

@@ -80,12 +80,14 @@ async def worker_node(
     persistence_config: PersistenceConfig | None = None,
     heartbeat_s: float | None = None,
     drain_grace_s: float = 10.0,
+    reap_after_s: float | None = 3600.0,
 ) -> AsyncIterator[WorkerNode]:
     """Run a worker until the block exits, then drain it.
 
     With a `store`, sessions are snapshotted after every turn and restored
     on resume. With `heartbeat_s`, the worker's directory entry expires three
-    beats after it stops refreshing it.
+    beats after it stops refreshing it. Without a store, sessions left with
+    no stream for `reap_after_s` are closed, so abandoned ones free their slots.
     """
     persistence = None
     if store is not None:
@@ -105,11 +107,16 @@ async def worker_node(
             heartbeat = asyncio.create_task(_heartbeat(directory, info, heartbeat_s))
         else:
             await directory.register_worker(info, None)
+    reaper = None
+    if persistence is None and reap_after_s:
+        reaper = asyncio.create_task(_reap(engine, reap_after_s))
     try:
         yield node
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
+        if reaper is not None:
+            reaper.cancel()
         if engine.running:
             await node.drain(directory, drain_grace_s)
 
@@ -124,6 +131,20 @@ async def _heartbeat(
         except Exception as error:  # Redis down: keep serving, retry next beat
             log.warning("worker heartbeat failed: %s", error)
         await asyncio.sleep(period_s)
+
+
+async def _reap(engine: Engine, after_s: float) -> None:
+    """Close sessions abandoned (idle, no stream) for `after_s` seconds."""
+    while True:
+        await asyncio.sleep(min(after_s / 4, 60.0))
+        for session_id in engine.idle_sessions(after_s):
+            try:
+                engine.close_session(session_id)
+                log.info(
+                    "session %s closed after %.0f s abandoned", session_id, after_s
+                )
+            except Exception:  # closed meanwhile
+                pass
 
 
 @asynccontextmanager

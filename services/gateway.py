@@ -86,6 +86,7 @@ class _Relay:
         self.client_done = False
         self.moving = False  # re-attaching after the worker was lost
         self.attached = False  # the client has had its SessionOpened
+        self.bad_input: str | None = None  # the client sent an undecodable message
         self.rerouted = False  # the first resume went to a new worker
 
 
@@ -100,13 +101,17 @@ _CLIENT_DONE = object()
 
 
 async def _read_client(
-    request_iterator: AsyncIterator[pb.ClientMessage], inbox: asyncio.Queue[object]
+    request_iterator: AsyncIterator[pb.ClientMessage],
+    inbox: asyncio.Queue[object],
+    relay: _Relay,
 ) -> None:
     try:
         async for message in request_iterator:
             inbox.put_nowait(message)
     except grpc.aio.AioRpcError:
         pass
+    except Exception as error:  # undecodable input: the call ends with a status
+        relay.bad_input = f"bad message: {error}"
     inbox.put_nowait(_CLIENT_DONE)
 
 
@@ -200,7 +205,9 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             session_id = first.resume.session_id
             worker_id = await self._directory(self.directory.get_session(session_id))
             if worker_id is None:
-                raise _Refusal(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
+                raise _Refusal(
+                    grpc.StatusCode.NOT_FOUND, f"no session {session_id[:80]!r}"
+                )
             worker = await self._directory(self.directory.worker(worker_id))
             if worker is None:
                 # Its worker is gone: any worker can restore it from its snapshot.
@@ -218,17 +225,24 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         request_iterator: AsyncIterator[pb.ClientMessage],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ServerMessage]:
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except Exception as error:  # e.g. a message that is not valid protobuf
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"bad message: {error}"
+            )
         if first is None:
             return
         self.metrics.streams.inc()
         relay = _Relay()
         inbox: asyncio.Queue[object] = asyncio.Queue()
-        reader = asyncio.create_task(_read_client(request_iterator, inbox))
+        reader = asyncio.create_task(_read_client(request_iterator, inbox, relay))
         try:
             worker = await self._route(first, relay)
             async for message in self._relay(first, worker, inbox, relay):
                 yield message
+            if relay.bad_input:
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, relay.bad_input)
         except _Refusal as refusal:
             self.metrics.failures.labels(code=refusal.code.name).inc()
             await context.abort(refusal.code, refusal.message)

@@ -43,6 +43,8 @@ from worker.snapshot import SessionImage, capture_session
 from worker.stepping import Stepping
 
 log = logging.getLogger(__name__)
+# Tokens average about 4 characters; no real text needs more than this.
+_MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,8 @@ class Engine(Stepping):
         cfg = self.config
         cache_config = self._cache_config(sink_size, window_size, eviction)
         sampling.validate(cfg.max_new_tokens_limit)
+        if system_prompt is not None:
+            self._check_chars(system_prompt, "the system prompt")
         if system_prompt is not None and not system_prompt.strip():
             raise InvalidRequest("the system prompt is blank; omit it for the default")
         system_ids = self.chat.system_tokens(system_prompt)
@@ -251,7 +255,7 @@ class Engine(Stepping):
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None or session.state is SessionState.CLOSED:
-            raise SessionNotFound(f"no session {session_id!r} on this worker")
+            raise SessionNotFound(f"no session {session_id[:80]!r} on this worker")
         return session
 
     def submit_turn(
@@ -283,9 +287,18 @@ class Engine(Stepping):
             increment = self._check_turn_size(session, text, session.reply_closed)
             return self._start_turn(session, increment, max_new_tokens)
 
+    def _check_chars(self, text: str, what: str) -> None:
+        """Refuse absurd texts before tokenizing them (which takes time)."""
+        limit = self.config.max_turn_tokens * _MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise LimitExceeded(
+                f"{what} is {len(text)} characters; the limit is {limit}"
+            )
+
     def _check_turn_size(
         self, session: Session, text: str, reply_closed: bool
     ) -> list[int]:
+        self._check_chars(text, "the turn")
         first = session.num_turns == 0
         increment = self.chat.user_tokens(text, first, reply_closed)
         if len(increment) > self.config.max_turn_tokens:
@@ -344,7 +357,10 @@ class Engine(Stepping):
             return session.turn.turn
 
     def _update_draft(self, session: Session, text: str, final: bool) -> None:
+        if session.turn.final_received:
+            raise SessionBusy("the turn's final text has arrived; wait for the reply")
         self._check_turn_size(session, text, session.turn.lead_closed)
+        session.turn.final_received = final
         session.turn.draft_update = (text, final)
         if final:
             session.turn.submitted_s = time.perf_counter()
@@ -420,7 +436,7 @@ class Engine(Stepping):
             session = self.sessions.pop(session_id, None)
             self._decoders.pop(session_id, None)
             if session is None:
-                raise SessionNotFound(f"no session {session_id!r} on this worker")
+                raise SessionNotFound(f"no session {session_id[:80]!r} on this worker")
             session.state = SessionState.CLOSED
             session.sink = None
             self._update_gauges()
@@ -450,6 +466,10 @@ class Engine(Stepping):
 
     def _update_gauges(self) -> None:
         caches = [s.cache for s in self.sessions.values()]
+        generating = [
+            s for s in self.sessions.values() if s.state is SessionState.GENERATING
+        ]
+        self.metrics.generating_sessions.set(len(generating))
         self.metrics.active_sessions.set(len(caches))
         self.metrics.cache_tokens.set(sum(c.length for c in caches))
         self.metrics.cache_capacity.set(sum(c.cache_size for c in caches))

@@ -41,6 +41,7 @@ _EVICTIONS = {
 }
 _CLIENT_DONE = object()  # the client half-closed its side of the stream
 _CLOSED = object()  # the session was closed; end the stream
+_TAKEN_OVER = object()  # another stream resumed the session
 
 
 def sampling_from_pb(
@@ -142,7 +143,12 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         request_iterator: AsyncIterator[pb.ClientMessage],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ServerMessage]:
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except Exception as error:  # e.g. a message that is not valid protobuf
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"bad message: {error}"
+            )
         if first is None:
             return
         try:
@@ -158,7 +164,10 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         def sink(event: object) -> None:
             loop.call_soon_threadsafe(outbox.put_nowait, event)
 
+        previous = session.sink
         session.sink = sink
+        if previous is not None:  # the newest stream wins; the old one ends
+            previous(_TAKEN_OVER)
         interrupts: list[float] = []  # arrival times of interruptions in flight
         reader = asyncio.create_task(
             self._read(session, request_iterator, outbox, interrupts)
@@ -170,6 +179,11 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 item = await outbox.get()
                 if item is _CLOSED:
                     return
+                if item is _TAKEN_OVER:
+                    await context.abort(
+                        grpc.StatusCode.ABORTED,
+                        "the session was resumed on another stream",
+                    )
                 if item is _CLIENT_DONE:
                     client_done = True
                 elif isinstance(item, pb.ServerMessage):
@@ -192,6 +206,8 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         if kind == "open":
             open_ = first.open
             cache = open_.cache
+            if cache.eviction and cache.eviction not in _EVICTIONS:
+                raise InvalidRequest(f"unknown eviction policy {cache.eviction}")
             return (
                 self.engine.open_session(
                     open_.system_prompt if open_.HasField("system_prompt") else None,
@@ -242,6 +258,10 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
             raise
         except grpc.aio.AioRpcError:
             pass
+        except Exception as error:  # undecodable input: say so, stop reading
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            self._count_error(code)
+            outbox.put_nowait(rpc.error_message(code, f"bad message: {error}"))
         outbox.put_nowait(_CLIENT_DONE)
 
     def _handle(

@@ -37,9 +37,10 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
-        if not 0.0 <= self.temperature <= 5.0:
+        if not (self.temperature == 0.0 or 0.01 <= self.temperature <= 5.0):
             raise InvalidRequest(
-                f"temperature must be in [0, 5], got {self.temperature}"
+                "temperature must be 0 (greedy) or in [0.01, 5], "
+                f"got {self.temperature}"
             )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
@@ -156,6 +157,7 @@ class TurnProgress:
     streamed: bool = False  # the user turn arrives as partial texts
     draft: bool = False  # its final text has not arrived yet
     draft_update: tuple[str, bool] | None = None  # (text, final) to apply
+    final_received: bool = False  # no partial may follow the final text
     first_token_s: float | None = None
     last_token_s: float | None = None
     cancelled: bool = False

@@ -66,6 +66,7 @@ class Stepping:
             items = self._plan()
             self._in_flight = {item.session.session_id for item in items}
         if not items:
+            self.metrics.generating_sessions.set(0)
             return 0
         work = [(i.session.cache, i.token_ids, i.turn_ids) for i in items]
         try:
@@ -80,7 +81,13 @@ class Stepping:
         with self._cond:
             self._in_flight = set()
             for row, item in enumerate(items):
-                self._apply(item, logits[row], evictions[row])
+                try:
+                    self._apply(item, logits[row], evictions[row])
+                except Exception:
+                    # One session's failure ends its own turn, nobody else's.
+                    log.exception("session %s failed", item.session.session_id)
+                    if item.session.turn is not None:
+                        self._end_turn(item.session, EndReason.ERROR)
             self._update_gauges()
         self.metrics.step_duration.observe(time.perf_counter() - started)
         return len(items)
@@ -277,4 +284,5 @@ class Stepping:
 
     def _report_cut(self, session: Session, cut: Cut, kind: str) -> None:
         self.metrics.tokens_rolled_back.inc(cut.num_rolled_back)
+        self._update_gauges()
         session.emit(InterruptedEvent(cut, kind))
