@@ -65,6 +65,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default). On a CPU shared with other "
+        "busy processes, 1 thread is steadier: two threads stall on each other "
+        "whenever one of them is descheduled",
+    )
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
@@ -76,6 +84,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     args.device, args.dtype = device, dtype
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model("smollm2"), getattr(torch, dtype), device)
     return Engine(loaded, EngineConfig(), WorkerMetrics())
 
@@ -125,7 +135,9 @@ def percentiles_ms(values_s: list[float]) -> dict[str, float]:
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    # Enums (engine settings) as their values; anything else odd as text.
+    text = json.dumps(result, indent=2, default=lambda o: getattr(o, "value", str(o)))
+    path.write_text(text + "\n")
     log.info("wrote %s", path)
 
 
@@ -205,6 +217,7 @@ async def interrupt_once(
     received = 0
     last_s: float | None = None
     turn_number = 0
+    anomalies: list[str] = []
 
     def take(arrived_s: float, message: pb.ServerMessage) -> bool:
         """Count a message that arrived before the send; False: reply over."""
@@ -213,6 +226,8 @@ async def interrupt_once(
         if kind == "turn_end":
             return False
         if kind == "token":
+            if turn_number and message.token.turn != turn_number:
+                anomalies.append(f"token of turn {message.token.turn} before the send")
             if last_s is not None:
                 gaps_s.append(arrived_s - last_s)
             last_s = arrived_s
@@ -237,11 +252,12 @@ async def interrupt_once(
     last_token_s: float | None = None
     interrupted: pb.Interrupted | None = None
     interrupted_s = turn_end_s = 0.0
-    anomalies = []
     while True:
         arrived_s, message = await inbox.get()
         kind = message.WhichOneof("kind")
         if kind == "token":
+            if message.token.turn != turn_number:
+                anomalies.append(f"token of turn {message.token.turn}")
             tokens_after += 1
             last_token_s = arrived_s
             if interrupted is not None:
@@ -249,6 +265,13 @@ async def interrupt_once(
         elif kind == "interrupted":
             interrupted, interrupted_s = message.interrupted, arrived_s
         elif kind == "turn_end":
+            reason = message.turn_end.reason
+            if interrupted is None and reason != pb.END_REASON_INTERRUPTED:
+                # The reply ended while the interrupt was on its way, which then
+                # cuts the finished reply: no latency to measure here.
+                while (await inbox.get())[1].WhichOneof("kind") != "interrupted":
+                    pass
+                return None
             turn_end_s = arrived_s
             if interrupted is None:
                 anomalies.append("TurnEnd before Interrupted")
@@ -330,12 +353,11 @@ async def measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    machine_before = machine()
-    engine = None
-    if args.target:
+    engine = None if args.target else await asyncio.to_thread(load_engine, args)
+    machine_before = machine()  # after load_engine has set the threads
+    if engine is None:
         measured = await measure(args.target, args)
     else:
-        engine = await asyncio.to_thread(load_engine, args)
         async with embedded_stack(engine) as stack:
             measured = await measure(stack.gateway_address, args)
     elapsed_s = time.perf_counter() - started
@@ -406,7 +428,8 @@ def summary(result: dict[str, Any]) -> str:
     after = result["tokens_after_interrupt"]
     return (
         f"{len(result['samples'])} interruptions in {result['elapsed_s']:.0f} s "
-        f"on {result['machine']['cpu']} ({result['device']}, {result['dtype']}), "
+        f"on {result['machine']['cpu']} ({result['device']}, {result['dtype']}, "
+        f"{result['machine']['torch_threads']} threads), "
         f"load average {result['machine'].get('loadavg_at_start')}\n"
         f"decode step (median token gap): {step:.1f} ms\n"
         f"Interrupted: p50 {cut['p50']:.1f} ms ({steps['p50']:.2f} steps), "

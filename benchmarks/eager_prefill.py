@@ -97,7 +97,10 @@ async def wait_listening(stack: Stack, session_id: str, limit_s: float) -> bool:
     return False
 
 
-async def measure(stack: Stack, text: str, eager: bool, args: argparse.Namespace):
+async def measure(
+    stack: Stack, text: str, eager: bool, args: argparse.Namespace
+) -> Sample:
+    """One turn in a fresh session, eager or not; times its first token."""
     async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
         conversation = Conversation(channel)
         sampling = pb.SamplingParams(max_new_tokens=args.reply_tokens)
@@ -143,8 +146,8 @@ async def measure(stack: Stack, text: str, eager: bool, args: argparse.Namespace
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    machine_before = machine()
     engine = await asyncio.to_thread(load_engine, args)
+    machine_before = machine()  # after load_engine has set the threads
     text = user_turn(engine.chat, args.turn_tokens)
     turn_tokens = len(engine.chat.encode(text))
     log.info("user turn: %d tokens, %d words", turn_tokens, len(text.split()))
@@ -207,7 +210,8 @@ def summary(result: dict[str, Any]) -> str:
     worker = result["median_worker_ttft_ms"]
     return (
         f"{config['repetitions']} repetitions each in {result['elapsed_s']:.0f} s "
-        f"on {result['machine']['cpu']} ({result['device']}, {result['dtype']}), "
+        f"on {result['machine']['cpu']} ({result['device']}, {result['dtype']}, "
+        f"{result['machine']['torch_threads']} threads), "
         f"load average {result['machine'].get('loadavg_at_start')}\n"
         f"user turn: {config['turn_tokens']} tokens\n"
         f"median time to first token, eager:    {ttft['eager']:.1f} ms "

@@ -126,9 +126,9 @@ async def talk(address: str, args: argparse.Namespace, out: TextIO) -> pb.Interr
         follow_up = pb.UserTurn(text=args.follow_up)
         await conversation.send(pb.ClientMessage(user_turn=follow_up))
         # A reply played to its end is interrupted all the same: nothing is cut.
-        when = "after the whole reply" if played < barge_at else "after"
+        when = " after the whole reply" if played < barge_at else ""
         point = "the last Ack" if heard == "ack" else f"heard_tokens={played}"
-        out.write(f" <barge-in {when}: {played} tokens played; heard point {point}>")
+        out.write(f" <barge-in{when}: {played} tokens played; heard point {point}>")
         out.write(f"\nyou> {args.follow_up}\n")
 
         cut = (await player.next_of("interrupted")).interrupted

@@ -391,7 +391,7 @@ class Engine(Stepping):
             turn = session.turn if session.busy else session.last_turn
             if turn is None:
                 raise SessionBusy(f"session {session_id} has no reply to interrupt")
-            if turn.streamed:
+            if turn.draft and not turn.final_received:
                 raise SessionBusy(
                     "a user turn is being streamed: interrupt the reply before "
                     "streaming the next turn"

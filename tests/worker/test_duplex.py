@@ -120,3 +120,17 @@ def test_no_streaming_while_a_reply_is_generated(engine):
     engine.step()
     with pytest.raises(SessionBusy):
         engine.partial_turn(session.session_id, "Wait", final=False)
+
+
+def test_the_reply_to_a_streamed_turn_can_be_interrupted(engine):
+    session = engine.open_session(None, SamplingParams(max_new_tokens=30))
+    engine.partial_turn(session.session_id, "Tell me", final=False)
+    settle(engine, session)
+    with pytest.raises(SessionBusy):  # nothing to cut while the user speaks
+        engine.interrupt(session.session_id, heard_tokens=0)
+    engine.partial_turn(session.session_id, "Tell me a story", final=True)
+    for _ in range(6):
+        engine.step()
+    engine.interrupt(session.session_id, heard_tokens=2)
+    settle(engine, session)
+    assert len(session.last_turn.reply_ids) == 2
