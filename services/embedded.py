@@ -49,7 +49,8 @@ class WorkerNode:
         while self.engine.has_busy_sessions() and loop.time() < deadline - grace_s / 4:
             await asyncio.sleep(0.05)
         if self.persistence is not None:
-            await self.persistence.stop()
+            # The settle hook stays on: a turn answered during the grace is
+            # snapshotted too, and flushed once the server has stopped.
             for session_id in list(self.engine.sessions):
                 try:
                     await self.persistence.snapshot_now(session_id)
@@ -60,6 +61,8 @@ class WorkerNode:
         if directory is not None:
             await directory.unregister_worker(self.servicer.worker_id)
         await self.server.stop(grace=max(deadline - loop.time(), 0.1))
+        if self.persistence is not None:
+            await self.persistence.stop()
         self.engine.stop()
         log.info("worker %s drained", self.servicer.worker_id)
 
