@@ -21,8 +21,13 @@ the target number of tokens. Redis is a private `redis-server` started here
 on a free port (or `--redis-url`, under a namespace of its own that is
 deleted afterwards).
 
-    python -m benchmarks.snapshots                  # ~5 min on 2 CPU cores
-    python -m benchmarks.snapshots --sizes 256 1024 --repeats 3
+    python -m benchmarks.snapshots                  # ~22 min on a shared 2-core box
+    python -m benchmarks.snapshots --threads 1 --sizes 256 1024 --repeats 3
+
+By default everything runs twice, with 1 and with 2 torch threads: on a
+2-core machine shared with other jobs, two OpenMP threads are often
+descheduled mid-operation and every parallel region waits for the late one,
+which makes small operations several times slower and the times erratic.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -230,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        return asyncio.run(args.run(args)) or 0
+        code = asyncio.run(args.run(args)) or 0
+        # Skip the interpreter's final sweep of torch's many objects: seconds.
+        gc.freeze()
+        return code
     except KeyboardInterrupt:
         return 130
     except (RequestRefused, FileNotFoundError, ValueError, OSError) as error:

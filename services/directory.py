@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -122,7 +126,15 @@ class RedisDirectory(SessionDirectory):
         session_ttl_s: int = 7 * 24 * 3600,
         static_worker_ttl_s: int = 24 * 3600,
     ):
-        self.redis = aioredis.Redis.from_url(url, decode_responses=True)
+        # Retries cover a connection the server closed while it sat idle.
+        self.redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self.namespace = namespace
         self.session_ttl_s = session_ttl_s
         self.static_worker_ttl_s = static_worker_ttl_s

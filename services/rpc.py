@@ -16,6 +16,7 @@ STATUS_OF_ERROR: dict[type[errors.SinkserveError], grpc.StatusCode] = {
     errors.SessionBusy: grpc.StatusCode.FAILED_PRECONDITION,
     errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.SnapshotRefused: grpc.StatusCode.DATA_LOSS,
 }
 
 

@@ -23,3 +23,7 @@ class LimitExceeded(SinkserveError):
 
 class Unavailable(SinkserveError):
     """The worker is shutting down or cannot take sessions now."""
+
+
+class SnapshotRefused(SinkserveError):
+    """A session's snapshot exists but cannot be restored here."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from services.snapshot_store import RedisSnapshotStore, StoreUnavailable
 from worker.engine import Engine
-from worker.errors import SessionNotFound, Unavailable
+from worker.errors import SessionNotFound, SnapshotRefused, Unavailable
 from worker.session import Session
-from worker.snapshot import SessionImage, decode_snapshot, encode_image
+from worker.snapshot import SessionImage, SnapshotError, decode_snapshot, encode_image
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +117,25 @@ class SessionPersistence:
             blob = await self.store.get(session_id)
         except StoreUnavailable as error:
             raise Unavailable(f"snapshots are unavailable: {error}") from error
+        except SnapshotError as error:  # missing or corrupt chunks
+            raise SnapshotRefused(f"session {session_id[:80]!r}: {error}") from error
         if blob is None:
             raise SessionNotFound(
                 f"no session {session_id!r} here and no snapshot of it"
             )
         loaded = self.engine.loaded
         vocab = loaded.model.get_input_embeddings().num_embeddings
-        session = await asyncio.to_thread(
-            decode_snapshot,
-            blob,
-            self.fingerprint,
-            self.engine.cache_shape,
-            loaded.rotary,
-            vocab,
-        )
+        try:
+            session = await asyncio.to_thread(
+                decode_snapshot,
+                blob,
+                self.fingerprint,
+                self.engine.cache_shape,
+                loaded.rotary,
+                vocab,
+            )
+        except SnapshotError as error:
+            raise SnapshotRefused(f"session {session_id[:80]!r}: {error}") from error
         self.engine.adopt_session(session)
         self.engine.metrics.restores.inc()
         return session

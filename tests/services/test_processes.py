@@ -50,8 +50,8 @@ WINDOW_SIZE = 200
 HEARTBEAT_S = 0.5
 DRAIN_GRACE_S = 3.0
 # After its drain, a worker process spends seconds in interpreter teardown
-# (the final garbage collection over torch and transformers): 4-8 s measured
-# on a loaded 2-core machine.
+# (the final garbage collection over torch and transformers): 3.5-6 s
+# measured on a loaded 2-core machine.
 TEARDOWN_SLACK_S = 12.0
 START_TIMEOUT_S = 120.0
 SESSIONS = 4
@@ -442,6 +442,8 @@ async def test_sigterm_drains_and_hands_idle_sessions_over(
 async def test_a_turn_answered_while_draining_survives_the_move(
     cluster: Cluster, reference: Reference
 ):
+    """The drain snapshots its sessions first, then keeps serving their
+    streams for the rest of its grace: a turn answered then must move too."""
     async with grpc.aio.insecure_channel(cluster.gateway.address) as channel:
         conversations = await open_sessions(channel, reference, turns=2)
         on_w1 = next(c for c in conversations if c.opened.worker_id == "w1")
