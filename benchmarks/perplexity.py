@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from worker.model import LoadedModel
-from worker.rotary import RotaryTables
 from worker.runner import ModelRunner
 from worker.sink_cache import CacheShape, Eviction, SinkCache
 
@@ -120,17 +119,9 @@ class NoRepositionCache(SinkCache):
     before `append` records them.
     """
 
-    def __init__(
-        self,
-        shape: CacheShape,
-        rotary: RotaryTables,
-        sink_size: int,
-        window_size: int,
-        evict_size: int = 1,
-        headroom: int = 0,
-    ):
-        super().__init__(shape, rotary, sink_size, window_size, evict_size, headroom)
-        self._origin = torch.arange(self.capacity, device=shape.device)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._origin = torch.arange(self.capacity, device=self.shape.device)
         self._next_position = 0  # text position of the next appended token
 
     def slot_positions(self, start: int, end: int) -> torch.Tensor:
@@ -571,92 +562,118 @@ def markdown_tables(result: dict[str, Any]) -> str:
 
 # -- plot and files ----------------------------------------------------------
 
+# (color, line style, width). 1 and 8 sinks land on top of 4 sinks with the
+# same window, so they are drawn thin and broken over its thick line.
 _STYLE = {
-    "dense": ("black", "-"),
-    "0+1024": ("tab:red", "-"),
-    "4+252": ("#9ecae1", "-"),
-    "4+508": ("#4292c6", "-"),
-    "4+1020": ("#08306b", "-"),
-    "1+1020": ("tab:green", "-"),
-    "8+1020": ("tab:orange", "-"),
-    "4+1020-norepos": ("tab:purple", "-"),
-    "1+252": ("tab:green", ":"),
-    "1+508": ("tab:green", "--"),
-    "8+252": ("tab:orange", ":"),
-    "8+508": ("tab:orange", "--"),
+    "dense": ("black", "-", 2.4),
+    "0+1024": ("tab:red", "-", 1.6),
+    "4+252": ("#9ecae1", "-", 1.6),
+    "4+508": ("#4292c6", "-", 1.6),
+    "4+1020": ("#08306b", "-", 3.2),
+    "1+1020": ("tab:green", "--", 1.2),
+    "8+1020": ("tab:orange", ":", 1.6),
+    "4+1020-norepos": ("tab:purple", "-", 1.6),
+    "1+252": ("tab:green", "--", 1.0),
+    "1+508": ("tab:green", "-.", 1.0),
+    "8+252": ("tab:orange", ":", 1.0),
+    "8+508": ("tab:orange", "-.", 1.0),
 }
 
 
 def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Binned perplexity against tokens streamed, one panel per text."""
+    """Binned perplexity against tokens streamed: per text, all configs, then
+    a zoom on the caches that stay usable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(
-        len(results), 1, figsize=(11, 5.5 * len(results)), squeeze=False
+        2 * len(results),
+        1,
+        figsize=(13, 8.5 * len(results)),
+        squeeze=False,
+        gridspec_kw={"hspace": 0.35},
     )
-    for ax, result in zip(axes[:, 0], results, strict=True):
+    for i, result in enumerate(results):
+        full, zoom = axes[2 * i, 0], axes[2 * i + 1, 0]
         bin_size = result["bin_size"]
         starts = np.array(result["bin_starts"])
         centers = starts + np.minimum(bin_size, result["num_tokens"] - starts) / 2
-        windowed = []
+        usable = []  # configs that re-position: the zoom's y range
         for config in result["configs"]:
             ppl = np.array([np.nan if v is None else v for v in config["bins"]["ppl"]])
-            color, style = _STYLE.get(config["name"], (None, "-"))
-            width = 2.2 if config["name"] in ("dense", "4+1020") else 1.4
-            ax.plot(
-                centers,
-                ppl,
-                style,
-                color=color,
-                linewidth=width,
-                label=config["label"],
-            )
-            if config["name"] != "dense":
-                windowed.append(ppl)
-        context = result["trained_context"]
-        if context < result["num_tokens"]:
-            ax.axvline(context, color="grey", linestyle=":", linewidth=1)
-            ax.text(
-                context,
-                1.0,
-                f" trained context ({context:,})",
-                transform=ax.get_xaxis_transform(),
-                va="top",
-                ha="left",
-                fontsize=9,
-                color="grey",
-            )
-        ax.set_yscale("log")
-        # Dense explodes past its trained context; cap the axis so that the
-        # windowed caches stay readable, and let dense leave the plot.
-        if windowed:
-            top = np.nanmax(np.concatenate(windowed))
-            bottom = np.nanmin(np.concatenate(windowed))
-            ax.set_ylim(bottom * 0.8, top * 1.5)
-        ax.set_xlim(0, result["num_tokens"])
+            color, style, width = _STYLE.get(config["name"], (None, "-", 1.4))
+            for ax in (full, zoom):
+                ax.plot(
+                    centers,
+                    ppl,
+                    style,
+                    color=color,
+                    linewidth=width,
+                    label=config["label"],
+                )
+            if config["window_size"] is not None and config["reposition"]:
+                usable.append(ppl)
         title = TEXT_TITLES.get(result["text"], result["text"])
         model = re.sub(r"-[0-9a-f]{12}$", "", result["model"])  # the cache digest
-        ax.set_title(
+        full.set_title(
             f"{title}: perplexity per {bin_size:,}-token bin, {model}, "
             f"eviction block {result['evict_size']}"
         )
-        ax.set_xlabel("tokens streamed")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.xaxis.set_major_formatter(
-            matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}")
+        zoom.set_title(
+            f"{title}, zoomed on the caches that re-position "
+            "(dense and no re-positioning leave the top)",
+            fontsize=10,
         )
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.legend(fontsize=9, ncol=2, loc="upper left", bbox_to_anchor=(0, 0.93))
-    fig.tight_layout()
+        if usable:
+            values = np.concatenate(usable)
+            zoom.set_ylim(np.nanmin(values) * 0.85, np.nanmax(values) * 1.15)
+        context = result["trained_context"]
+        for ax in (full, zoom):
+            ax.set_yscale("log")
+            ax.set_xlim(0, result["num_tokens"])
+            ax.set_xlabel("tokens streamed")
+            ax.set_ylabel("perplexity (log scale)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+            if context < result["num_tokens"]:
+                ax.axvline(context, color="grey", linestyle=":", linewidth=1.2)
+                ax.text(
+                    context,
+                    0.02,
+                    f" trained context ({context:,})",
+                    transform=ax.get_xaxis_transform(),
+                    va="bottom",
+                    ha="left",
+                    fontsize=9,
+                    color="dimgrey",
+                )
+        # Plain numbers on the log axes; on the wide one only 1-2-5 steps,
+        # which would otherwise crowd into each other.
+        full.yaxis.set_major_formatter(FuncFormatter(_log_label((1, 2, 5))))
+        full.yaxis.set_minor_formatter(FuncFormatter(_log_label((2, 5))))
+        zoom.yaxis.set_major_formatter(FuncFormatter(_log_label(range(1, 10))))
+        zoom.yaxis.set_minor_formatter(FuncFormatter(_log_label(range(1, 10))))
+        full.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     log.info("wrote %s", path)
+
+
+def _log_label(leading: Sequence[int]) -> Any:
+    """Label a log-axis tick with its plain value if its leading digit is listed."""
+    allowed = set(leading)
+
+    def label(value: float, _: int) -> str:
+        if value <= 0:
+            return ""
+        digit = int(round(value / 10 ** math.floor(math.log10(value))))
+        return f"{value:,.0f}" if digit in allowed else ""
+
+    return label
 
 
 def update_doc(doc: Path, text: str, tables: str) -> None:
