@@ -28,7 +28,6 @@ from services.embedded import embedded_stack, gateway_node, worker_node
 from services.gateway import GatewayMetrics
 from services.logs import configure_logging
 from services.snapshot_store import RedisSnapshotStore
-from worker.persistence import PersistenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +331,8 @@ async def _with_target(
 
 
 async def run_worker(args: argparse.Namespace) -> int:
+    from worker.persistence import PersistenceConfig
+
     registry = CollectorRegistry()
     engine = await asyncio.to_thread(_load_engine, args, registry)
     _serve_metrics(args.metrics_port, registry)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -20,9 +21,11 @@ from services import rpc
 from services.directory import MemoryDirectory, SessionDirectory, WorkerInfo
 from services.gateway import GatewayMetrics, GatewayServicer, start_gateway_server
 from services.snapshot_store import RedisSnapshotStore
-from worker.engine import Engine
-from worker.persistence import PersistenceConfig, SessionPersistence
-from worker.server import WorkerServicer, start_worker_server
+
+if TYPE_CHECKING:  # the worker side imports torch; a gateway never needs it
+    from worker.engine import Engine
+    from worker.persistence import PersistenceConfig, SessionPersistence
+    from worker.server import WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,9 @@ async def worker_node(
     beats after it stops refreshing it. Without a store, sessions left with
     no stream for `reap_after_s` are closed, so abandoned ones free their slots.
     """
+    from worker.persistence import SessionPersistence
+    from worker.server import start_worker_server
+
     persistence = None
     if store is not None:
         persistence = SessionPersistence(engine, store, persistence_config)

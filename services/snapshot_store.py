@@ -35,7 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from worker.snapshot import SnapshotError
+from worker.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 

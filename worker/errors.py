@@ -25,5 +25,9 @@ class Unavailable(SinkserveError):
     """The worker is shutting down or cannot take sessions now."""
 
 
+class SnapshotError(ValueError):
+    """A snapshot cannot be taken or is refused; the message says why."""
+
+
 class SnapshotRefused(SinkserveError):
     """A session's snapshot exists but cannot be restored here."""

@@ -36,6 +36,7 @@ from typing import Any, cast
 
 import torch
 
+from worker.errors import SnapshotError
 from worker.rotary import RotaryTables
 from worker.session import (
     CacheConfig,
@@ -60,10 +61,6 @@ _SAMPLING_TYPES = {
     "max_new_tokens": int,
     "seed": (int, type(None)),
 }
-
-
-class SnapshotError(ValueError):
-    """A snapshot cannot be taken or is refused; the message says why."""
 
 
 @dataclass(frozen=True)

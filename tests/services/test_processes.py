@@ -460,3 +460,16 @@ async def test_a_turn_answered_while_draining_survives_the_move(
         assert kinds(fourth)[0] == "moved"
         assert fourth[0].moved.num_turns == 3, "the third turn came along"
         assert tokens(fourth) == reference.replies[3]
+
+
+def test_the_gateway_command_does_not_load_torch():
+    """A gateway only relays; importing the model stack would cost seconds."""
+    probe = (
+        "import sys, services.cli; "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
