@@ -7,6 +7,8 @@ bytes. Both must stay flat once the window is full. Also reports the cache's
 bytes per token against the theoretical K+V figure.
 
     python -m benchmarks.memory [--tokens 100000] [--chunk 248]
+
+Writes benchmarks/results/memory.json and the plot docs/memory.png.
 """
 
 from __future__ import annotations
@@ -80,12 +82,51 @@ def flatness(rows: list[dict], key: str, after_tokens: int) -> float:
     return (max(values) - min(values)) / min(values)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Resident memory and cache bytes against tokens streamed, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    tokens = [r["tokens"] for r in rows]
+    fig, (rss, cache) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    rss.plot(tokens, [r["rss_bytes"] / 2**20 for r in rows], color="tab:blue")
+    rss.set_ylabel("worker RSS (MiB)")
+    rss.set_ylim(bottom=0)
+    cache.plot(tokens, [r["cache_bytes"] / 2**20 for r in rows], color="tab:green")
+    cache.set_ylabel("cache tensors (MiB)")
+    cache.set_ylim(bottom=0)
+    cache.set_xlabel("tokens streamed")
+    capacity = result["sink_size"] + result["window_size"]
+    for ax in (rss, cache):
+        ax.axvline(capacity, color="grey", linestyle=":", linewidth=1)
+        ax.grid(alpha=0.3)
+    cache.annotate(
+        f"cache full ({capacity} tokens)",
+        (capacity, 0),
+        xytext=(4, 4),
+        textcoords="offset points",
+        fontsize=8,
+        color="grey",
+    )
+    fig.suptitle(
+        f"One session, {result['sink_size']} sinks + {result['window_size']} "
+        f"window, {result['tokens']:,} tokens of Emma (SmolLM2-135M, fp32)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--chunk", type=int, default=248)
     parser.add_argument("--sink-size", type=int, default=4)
     parser.add_argument("--window-size", type=int, default=1020)
+    parser.add_argument("--plot", type=Path, default=Path("docs/memory.png"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -97,6 +138,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "memory.json"
     out.write_text(json.dumps(result, indent=1))
+    plot(result, args.plot)
     rows = result["rows"]
     ratio = result["cache_bytes_per_token"] / result["theoretical_bytes_per_token"]
     print(
@@ -109,7 +151,7 @@ def main() -> None:
         f"bytes per cached token: {result['cache_bytes_per_token']:.0f} against "
         f"{result['theoretical_bytes_per_token']} theoretical "
         f"({ratio:.2f}x)"
-        f"\nwritten to {out}"
+        f"\nwritten to {out} and {args.plot}"
     )
 
 

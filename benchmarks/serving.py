@@ -1,18 +1,24 @@
 """Serving benchmarks, each row side by side with its baseline in one run.
 
-    python -m benchmarks.serving [--rows 1,2,3,4,5] [--quick]
+    python -m benchmarks.serving [--rows 1,2,3,4,5,6] [--quick] [--threads N]
 
-1. Decode time per token against tokens streamed, against the StreamingLLM
-   paper's baseline (a sliding window recomputed for every token).
+1. Decode time per token against tokens streamed (one session, 4 + 1,020),
+   and against the StreamingLLM paper's baseline, a sliding window whose
+   keys and values are recomputed for every token, at caches of 256-2,048.
 2. Time to first token by turn on MT-Bench, against re-sending the whole
    history to `transformers` every turn.
 3. Aggregate decode throughput against concurrent sessions, against
-   `transformers` batched `generate` on the same prompts.
+   `transformers` batched `generate`, its continuous batching
+   (`generate_batch`) and, when `llama-cpp-python[server]` is installed,
+   llama.cpp's server on the same GGUF file.
 4. Single-session decode speed against the machine's memory-bandwidth limit.
-5. Gateway overhead: per-token latency through the gateway against straight
-   to the worker.
+5. Gateway overhead: per-token latency through the gateway (its own
+   process) against straight to the worker, and the gateway's CPU time.
+6. Prefill stalls: the longest gap in decoding sessions' tokens while
+   another session prefills a long turn, against one chunk's time.
 
-Results go to benchmarks/results/serving.json; docs/benchmarks.md explains.
+Results go to benchmarks/results/serving.json and docs/serving.png;
+docs/benchmarks.md explains them.
 """
 
 from __future__ import annotations
@@ -21,30 +27,40 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 from transformers import GenerationConfig
 
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services.client import Conversation
 from services.datasets import austen_text, mtbench_questions
-from services.embedded import embedded_stack
+from services.embedded import worker_node
 from worker.engine import Engine, EngineConfig
-from worker.model import LoadedModel, load_model, resolve_model
+from worker.model import LoadedModel, find_smollm2_gguf, load_model, resolve_model
 from worker.runner import ModelRunner
-from worker.session import SamplingParams, TurnEndEvent
+from worker.session import SamplingParams, TokenEvent, TurnEndEvent
 from worker.sink_cache import SinkCache
 
 log = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"
+STORY = "Tell me a long story about a lighthouse keeper and the sea."
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` runs (after one warm-up)."""
     fn()
     samples = []
@@ -55,155 +71,387 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _stream(runner: ModelRunner, cache: SinkCache, ids: list[int]) -> None:
+    """Prefill `ids` in chunks that fit the window."""
+    chunk = min(508, cache.window_size // 2)
+    for start in range(0, len(ids), chunk):
+        piece = ids[start : start + chunk]
+        runner.forward([(cache, piece, [1] * len(piece))])
+
+
+def _decode(runner: ModelRunner, cache: SinkCache, token: list[int]) -> Callable:
+    """One decode step of one session (the same token again each time)."""
+    return lambda: runner.forward([(cache, token, [1])])
+
+
+def _recompute(loaded: LoadedModel, ids: list[int]) -> Callable[[], object]:
+    """One token of the paper's baseline: the whole window, no cache."""
+    batch = torch.tensor([ids], device=loaded.model.device)
+    return lambda: loaded.model(batch, use_cache=False, logits_to_keep=1)
+
+
+class _LibraryAttention:
+    """Run the model with the library's own attention inside the block."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model
+
+    def __enter__(self) -> None:
+        self.model.set_attn_implementation("sdpa")
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_attn_implementation("sinkserve")
+
+
+# -- row 1 ---------------------------------------------------------------------
+
+
 @torch.inference_mode()
-def row_decode_vs_streamed(loaded: LoadedModel, marks: list[int], quick: bool) -> dict:
-    """Row 1: our decode step after N tokens, and recompute per token."""
+def row_decode_vs_streamed(
+    loaded: LoadedModel, marks: list[int], sizes: list[int], repeats: int
+) -> dict:
     text = loaded.tokenizer.encode(austen_text("emma"), add_special_tokens=False)
     runner = ModelRunner(loaded)
-    engine = Engine(loaded)
-    cache = SinkCache(engine.cache_shape, loaded.rotary, 4, 1020, evict_size=32)
-    ours = {}
+    shape = Engine(loaded).cache_shape
+    cache = SinkCache(shape, loaded.rotary, 4, 1020, evict_size=32)
+    by_streamed = {}
     fed = 0
     for mark in marks:
-        while fed < mark:
-            size = min(508, mark - fed)
-            runner.forward([(cache, text[fed : fed + size], [1] * size)])
-            fed += size
+        _stream(runner, cache, text[fed:mark])
+        fed = mark
         token = [text[fed]]
+        # Decode steps in steady state: every 32nd one evicts a block.
+        by_streamed[mark] = timed(_decode(runner, cache, token), repeats)
+        log.info(
+            "row 1: decode after %d tokens: %.1f ms", mark, by_streamed[mark] * 1e3
+        )
 
-        def step(cache=cache, token=token) -> None:
-            runner.forward([(cache, token, [1])])
-
-        ours[mark] = timed(step, 5 if quick else 15)
-        log.info("decode after %d tokens: %.1f ms", mark, ours[mark] * 1000)
-
-    model = loaded.model
-    recompute = {}
-    for window in (256, 512, 1024, 2048):
-        ids = torch.tensor([text[:window]])
-        # The library's own attention, no cache: the paper's baseline.
-        model.set_attn_implementation("sdpa")
-        try:
-            recompute[window] = timed(lambda ids=ids: model(ids, logits_to_keep=1), 3)
-        finally:
-            model.set_attn_implementation("sinkserve")
-    ours_at_cache = statistics.median(ours.values())
+    by_cache = {}
+    for size in sizes:
+        full = SinkCache(shape, loaded.rotary, 4, size - 4, evict_size=32)
+        _stream(runner, full, text[: size + 64])
+        token = [text[size + 64]]
+        ours = timed(_decode(runner, full, token), repeats)
+        with _LibraryAttention(loaded):
+            recompute = timed(_recompute(loaded, text[:size]), max(3, repeats // 5))
+        by_cache[size] = {
+            "ours_s": ours,
+            "recompute_s": recompute,
+            "speedup": recompute / ours,
+        }
+        log.info(
+            "row 1: cache %d: ours %.1f ms, recompute %.1f ms (%.1fx)",
+            size,
+            ours * 1e3,
+            recompute * 1e3,
+            recompute / ours,
+        )
+    values = list(by_streamed.values())
     return {
-        "ours_step_s_by_tokens_streamed": ours,
-        "flatness": (max(ours.values()) - min(ours.values())) / min(ours.values()),
-        "recompute_step_s_by_window": recompute,
-        "speedup_at_1024": recompute[1024] / ours_at_cache,
-        "speedup_at_2048_vs_ours_1024": recompute[2048] / ours_at_cache,
+        "cache": "4 sinks + 1,020 window, eviction block 32",
+        "step_s_by_tokens_streamed": by_streamed,
+        "spread": (max(values) - min(values)) / min(values),
+        "by_cache_size": by_cache,
     }
+
+
+# -- row 2 ---------------------------------------------------------------------
 
 
 @torch.inference_mode()
 def row_ttft_by_turn(loaded: LoadedModel, turns: int, reply_tokens: int) -> dict:
-    """Row 2: TTFT of turn k, ours against re-sending the history."""
+    """TTFT of turn k: ours (4 + 1,020, history kept in the cache) against
+    prefilling the whole chat-templated history, as `generate` would."""
     questions = [t for q in mtbench_questions() for t in q.turns][:turns]
-    engine = Engine(loaded, EngineConfig(window_size=4092, max_window_size=4092))
+    engine = Engine(loaded)
     session = engine.open_session(None, SamplingParams(max_new_tokens=reply_tokens))
     events: list = []
     session.sink = events.append
-    ours, history_lengths = [], []
+    ours, replies = [], []
     for question in questions:
         engine.submit_turn(session.session_id, question)
         while session.busy:
             engine.step()
         end = [e for e in events if isinstance(e, TurnEndEvent)][-1]
         ours.append(end.stats.ttft_ms / 1000)
-        history_lengths.append(end.stats.num_reused + end.stats.num_prefilled)
-    # Baseline: the whole history up to each turn's reply, prefilled afresh.
-    full = session.cache.token_ids
-    model = loaded.model
-    model.set_attn_implementation("sdpa")
-    baseline = []
-    try:
-        for length in history_lengths:
-            ids = torch.tensor([full[:length]])
-            baseline.append(timed(lambda ids=ids: model(ids, logits_to_keep=1), 1))
-    finally:
-        model.set_attn_implementation("sinkserve")
+        replies.append(end.text)
     picks = [k for k in (1, 5, 10, 20) if k <= turns]
-    return {
+    result: dict = {
         "reply_tokens": reply_tokens,
-        "history_tokens": {k: history_lengths[k - 1] for k in picks},
-        "ours_ttft_s": {k: ours[k - 1] for k in picks},
-        "resend_ttft_s": {k: baseline[k - 1] for k in picks},
-        "speedup": {k: baseline[k - 1] / ours[k - 1] for k in picks},
+        "history_tokens": {},
+        "ours_ttft_s": {},
+        "resend_ttft_s": {},
+        "speedup": {},
     }
+    for k in picks:
+        messages = []
+        for question, reply in zip(questions[: k - 1], replies, strict=False):
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": reply},
+            ]
+        messages.append({"role": "user", "content": questions[k - 1]})
+        ids = loaded.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        with _LibraryAttention(loaded):
+            resend = timed(_recompute(loaded, ids), 1 if len(ids) > 1000 else 3)
+        result["history_tokens"][k] = len(ids)
+        result["ours_ttft_s"][k] = ours[k - 1]
+        result["resend_ttft_s"][k] = resend
+        result["speedup"][k] = resend / ours[k - 1]
+        log.info(
+            "row 2: turn %d (%d tokens of history): ours %.0f ms, re-send %.0f ms",
+            k,
+            len(ids),
+            ours[k - 1] * 1e3,
+            resend * 1e3,
+        )
+    return result
 
 
-@torch.inference_mode()
-def row_throughput(loaded: LoadedModel, batch_sizes: list[int], steps: int) -> dict:
-    """Row 3: aggregate decode tokens/s with B sessions, ours and HF batched."""
-    tokenizer = loaded.tokenizer
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me a long story about the sea."}],
+# -- row 3 ---------------------------------------------------------------------
+
+
+def _story_prompt(loaded: LoadedModel) -> list[int]:
+    return loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": STORY}],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=False,
     )
-    runner = ModelRunner(loaded)
-    engine = Engine(loaded)
-    ours, hf, cb = {}, {}, {}
-    model = loaded.model
-    # Continuous batching in transformers: paged attention, no eos stop.
-    cb_config = GenerationConfig(
-        max_new_tokens=steps, do_sample=False, eos_token_id=-1, pad_token_id=0
-    )
-    for batch in batch_sizes:
-        caches = [
-            SinkCache(engine.cache_shape, loaded.rotary, 4, 1020) for _ in range(batch)
-        ]
-        runner.forward([(c, prompt, [1] * len(prompt)) for c in caches])
-        work = [(c, [prompt[-1]], [1]) for c in caches]
-        runner.forward(work)
-        started = time.perf_counter()
-        for _ in range(steps):
-            runner.forward(work)
-        ours[batch] = batch * steps / (time.perf_counter() - started)
 
-        model.set_attn_implementation("sdpa")
-        try:
-            ids = torch.tensor([prompt] * batch)
-            model.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)
-            started = time.perf_counter()
+
+def ours_throughput(loaded: LoadedModel, sessions: int, steps: int) -> float:
+    """Tokens/s of the engine's decode steps while all sessions generate."""
+    engine = Engine(loaded, EngineConfig(max_sessions=max(64, sessions)))
+    counts = [0]
+
+    def sink(event: object) -> None:
+        if isinstance(event, TokenEvent):
+            counts[0] += 1
+
+    for _ in range(sessions):
+        # Greedy, like the baselines; the story runs longer than `steps`.
+        params = SamplingParams(max_new_tokens=steps + 16)
+        session = engine.open_session(None, params)
+        session.sink = sink
+        engine.submit_turn(session.session_id, STORY)
+    # Prefill everyone first (their first tokens), then time full steps only.
+    while counts[0] < sessions:
+        engine.step()
+    seconds, tokens = 0.0, 0
+    for _ in range(steps):
+        before = counts[0]
+        started = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - started
+        if counts[0] - before == sessions:
+            seconds += elapsed
+            tokens += sessions
+    return tokens / seconds if seconds else 0.0
+
+
+@torch.inference_mode()
+def hf_throughput(loaded: LoadedModel, sessions: int, steps: int) -> dict:
+    """`generate` (static batch) and `generate_batch` (continuous batching):
+    decode tokens/s, from a run of `steps` tokens minus a run of 1 token."""
+    model = loaded.model
+    prompt = _story_prompt(loaded)
+    ids = torch.tensor([prompt] * sessions, device=model.device)
+    out = {}
+    with _LibraryAttention(loaded):
+
+        def generate(n: int) -> None:
             model.generate(
-                ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+                ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
             )
-            hf[batch] = batch * steps / (time.perf_counter() - started)
-            model.generate_batch(
-                [prompt] * batch, generation_config=cb_config, progress_bar=False
-            )
-            started = time.perf_counter()
-            model.generate_batch(
-                [prompt] * batch, generation_config=cb_config, progress_bar=False
-            )
-            cb[batch] = batch * steps / (time.perf_counter() - started)
-        finally:
-            model.set_attn_implementation("sinkserve")
-        log.info(
-            "batch %d: ours %.1f tok/s, transformers %.1f tok/s",
-            batch,
-            ours[batch],
-            hf[batch],
+
+        out["generate"] = _decode_rate(generate, sessions, steps)
+
+    def generate_batch_span(n: int) -> float:
+        """Seconds from the first request's start to the last one's end, as
+        the manager records them: its own start-up and warm-up (seconds, on
+        every call) are left out, as a long-running server would pay them once."""
+        config = GenerationConfig(
+            max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0
         )
-    return {
-        "ours_tokens_per_s": ours,
-        "transformers_generate_tokens_per_s": hf,
-        "transformers_continuous_batching_tokens_per_s": cb,
-        "ours_vs_continuous_batching": {b: ours[b] / cb[b] for b in ours},
-        "ours_scaling_vs_single": {b: ours[b] / ours[batch_sizes[0]] for b in ours},
-        "ours_vs_transformers": {b: ours[b] / hf[b] for b in ours},
-    }
+        outputs = model.generate_batch(
+            [prompt] * sessions, generation_config=config, progress_bar=False
+        )
+        spans = [o.lifespan for o in outputs.values()]
+        return max(end for _, end in spans) - min(start for start, _ in spans)
+
+    # generate_batch picks its own paged attention implementation.
+    with _LibraryAttention(loaded):
+        generate_batch_span(2)  # warm-up
+        one = generate_batch_span(1)
+        many = generate_batch_span(steps + 1)
+    out["generate_batch"] = sessions * steps / (many - one)
+    return out
+
+
+def _decode_rate(run: Callable[[int], None], sessions: int, steps: int) -> float:
+    run(2)  # warm-up
+    one = timed(lambda: run(1), 1)
+    many = timed(lambda: run(steps + 1), 1)
+    return sessions * steps / max(many - one, 1e-9)
+
+
+class LlamaCppServer:
+    """llama.cpp's server from llama-cpp-python, on the same GGUF file."""
+
+    def __init__(self, threads: int, n_ctx: int, parallel_slots: int):
+        self.port = _free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(find_smollm2_gguf()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(n_ctx),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            # Queue concurrent requests instead of cancelling the running one.
+            "--interrupt_requests",
+            "False",
+        ]
+        self.info = {"command": " ".join(command[1:]), "slots": parallel_slots}
+        # llama.cpp logs a lot; a pipe nobody reads would block it.
+        self.log = tempfile.NamedTemporaryFile(
+            prefix="llama-cpp-server-", suffix=".log"
+        )
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def __enter__(self) -> LlamaCppServer:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = Path(self.log.name).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"llama.cpp server exited:\n{tail}")
+            try:
+                url = f"http://127.0.0.1:{self.port}/v1/models"
+                urllib.request.urlopen(url, timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("llama.cpp server did not start in 120 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+    def throughput(self, sessions: int, steps: int) -> float:
+        """Aggregate tokens/s over `sessions` concurrent streamed requests,
+        counted from each request's first token."""
+        import urllib.request
+
+        firsts, lasts, counts = [], [], []
+        lock = threading.Lock()
+
+        def one() -> None:
+            body = json.dumps(
+                {
+                    "messages": [{"role": "user", "content": STORY}],
+                    "max_tokens": steps + 1,
+                    "temperature": 0.0,
+                    "stream": True,
+                }
+            ).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            stamps = []
+            with urllib.request.urlopen(request, timeout=600) as response:
+                for line in response:
+                    if line.startswith(b"data: {") and b'"content"' in line:
+                        stamps.append(time.perf_counter())
+            with lock:
+                firsts.append(stamps[0])
+                lasts.append(stamps[-1])
+                counts.append(len(stamps) - 1)
+
+        threads = [threading.Thread(target=one) for _ in range(sessions)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(counts) / (max(lasts) - min(firsts))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def row_throughput(
+    loaded: LoadedModel, sizes: list[int], steps: int, threads: int
+) -> dict:
+    result: dict = {"steps": steps, "sessions": sizes}
+    ours, generate, cb = {}, {}, {}
+    for n in sizes:
+        ours[n] = ours_throughput(loaded, n, steps)
+        hf = hf_throughput(loaded, n, steps)
+        generate[n], cb[n] = hf["generate"], hf["generate_batch"]
+        log.info(
+            "row 3: %d sessions: ours %.1f tok/s, generate %.1f, generate_batch %.1f",
+            n,
+            ours[n],
+            generate[n],
+            cb[n],
+        )
+    result["ours_tokens_per_s"] = ours
+    result["generate_tokens_per_s"] = generate
+    result["generate_batch_tokens_per_s"] = cb
+    result["ours_vs_single"] = {n: ours[n] / ours[sizes[0]] for n in sizes}
+    result["ours_vs_generate_batch"] = {n: ours[n] / cb[n] for n in sizes}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        result["llama_cpp"] = "not installed: pip install 'llama-cpp-python[server]'"
+        return result
+    llama = {}
+    with LlamaCppServer(threads, n_ctx=2048, parallel_slots=1) as server:
+        result["llama_cpp_server"] = server.info
+        for n in sizes:
+            llama[n] = server.throughput(n, steps)
+            log.info("row 3: %d sessions: llama.cpp %.1f tok/s", n, llama[n])
+    result["llama_cpp_tokens_per_s"] = llama
+    result["ours_vs_llama_cpp"] = {n: ours[n] / llama[n] for n in sizes}
+    return result
+
+
+# -- row 4 ---------------------------------------------------------------------
 
 
 def row_bandwidth_limit(loaded: LoadedModel, single_step_s: float) -> dict:
-    """Row 4: measured tokens/s against weight bytes / memory bandwidth."""
-    big = torch.ones(256 * 2**20 // 4)  # 256 MiB of fp32
-    seconds = timed(lambda: big.sum(), 5)
+    """Tokens/s measured against (read bandwidth / weight bytes per token)."""
+    big = torch.ones(512 * 2**20 // 4)  # 512 MiB of fp32, far beyond the caches
+    seconds = timed(lambda: big.sum(), 7)
     bandwidth = big.numel() * 4 / seconds
+    # Tied weights count once: parameters() yields each tensor once.
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     limit = bandwidth / weight_bytes
     measured = 1 / single_step_s
@@ -216,82 +464,330 @@ def row_bandwidth_limit(loaded: LoadedModel, single_step_s: float) -> dict:
     }
 
 
-async def _token_gaps(address: str, tokens: int) -> list[float]:
+# -- row 5 ---------------------------------------------------------------------
+
+
+async def _token_stamps(address: str, tokens: int) -> list[float]:
     async with grpc.aio.insecure_channel(address) as channel:
         conversation = Conversation(channel)
         await conversation.open(
             sampling=pb.SamplingParams(max_new_tokens=tokens, temperature=0.0)
         )
         stamps = []
-        async for message in conversation.ask("Write a long story about a lighthouse."):
+        async for message in conversation.ask(STORY):
             if message.WhichOneof("kind") == "token":
                 stamps.append(time.perf_counter())
         await conversation.close()
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return stamps
 
 
 async def _gateway_overhead(loaded: LoadedModel, tokens: int, rounds: int) -> dict:
     engine = Engine(loaded)
-    via_gateway, direct = [], []
-    async with embedded_stack(engine) as stack:
-        for _ in range(rounds):
-            via_gateway += await _token_gaps(stack.gateway_address, tokens)
-            direct += await _token_gaps(stack.worker_address, tokens)
-    gateway_ms = statistics.median(via_gateway) * 1000
-    direct_ms = statistics.median(direct) * 1000
+    async with worker_node(engine, None) as node:
+        port = _free_port()
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "--log-level",
+                "WARNING",
+                "gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--worker",
+                node.address,
+            ]
+        )
+        try:
+            address = f"127.0.0.1:{port}"
+            async with grpc.aio.insecure_channel(address) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 60)
+            process = psutil.Process(gateway.pid)
+            await _token_stamps(address, 4)  # warm-up through both paths
+            await _token_stamps(node.address, 4)
+            via, direct, relayed, cpu = [], [], 0, 0.0
+            for _ in range(rounds):
+                before = process.cpu_times()
+                stamps = await _token_stamps(address, tokens)
+                after = process.cpu_times()
+                cpu += (after.user + after.system) - (before.user + before.system)
+                relayed += len(stamps)
+                via += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+                stamps = await _token_stamps(node.address, tokens)
+                direct += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(30)
+    via_ms = statistics.median(via) * 1e3
+    direct_ms = statistics.median(direct) * 1e3
     return {
-        "median_inter_token_ms_via_gateway": gateway_ms,
+        "tokens_per_round": tokens,
+        "rounds": rounds,
+        "median_inter_token_ms_via_gateway": via_ms,
         "median_inter_token_ms_direct": direct_ms,
-        "overhead_ms_per_token": gateway_ms - direct_ms,
-        "ratio": gateway_ms / direct_ms,
+        "mean_inter_token_ms_via_gateway": statistics.mean(via) * 1e3,
+        "mean_inter_token_ms_direct": statistics.mean(direct) * 1e3,
+        "overhead_ms_per_token": via_ms - direct_ms,
+        "gateway_cpu_s_per_1000_tokens": cpu / relayed * 1000,
+        "gateway_cpu_ms_per_token": cpu / relayed * 1e3,
     }
 
 
-def machine() -> dict:
-    model_name = "unknown"
+# -- row 6 ---------------------------------------------------------------------
+
+
+def row_prefill_stall(loaded: LoadedModel, decoders: int, long_tokens: int) -> dict:
+    """Decoding sessions' token gaps while another session prefills a long turn."""
+    config = EngineConfig(window_size=4092, max_turn_tokens=long_tokens + 64)
+    engine = Engine(loaded, config)
+    stamps: dict[str, list[float]] = {}
+    for i in range(decoders):
+        session = engine.open_session(None, SamplingParams(max_new_tokens=4000))
+        times = stamps.setdefault(session.session_id, [])
+
+        def sink(event: object, times: list[float] = times) -> None:
+            if isinstance(event, TokenEvent):
+                times.append(time.perf_counter())
+
+        session.sink = sink
+        engine.submit_turn(session.session_id, STORY + f" ({i})")
+    while min(len(t) for t in stamps.values()) < 8:
+        engine.step()
+    quiet_from = time.perf_counter()
+    for _ in range(8):
+        engine.step()
+    text_ids = loaded.tokenizer.encode(austen_text("emma"))
+    long_text = loaded.tokenizer.decode(text_ids[:long_tokens])
+    prefiller = engine.open_session(None, SamplingParams(max_new_tokens=4))
+    first = []
+    prefiller.sink = lambda e: (
+        isinstance(e, TokenEvent) and first.append(time.perf_counter())
+    )
+    long_from = time.perf_counter()
+    engine.submit_turn(prefiller.session_id, long_text)
+    while not first:
+        engine.step()
+    long_to = first[0]
+
+    def gaps(lo: float, hi: float) -> list[float]:
+        out = []
+        for times in stamps.values():
+            inside = [t for t in times if lo <= t <= hi]
+            out += [b - a for a, b in zip(inside, inside[1:], strict=False)]
+        return out
+
+    quiet = gaps(quiet_from, long_from)
+    during = gaps(long_from, long_to)
+    chunk = config.prefill_chunk_size
+    # One chunk on its own, for scale: the least a step carrying it can take.
+    runner = ModelRunner(loaded)
+    ids = text_ids[:chunk]
+
+    def one_chunk() -> None:
+        fresh = SinkCache(engine.cache_shape, loaded.rotary, 4, 1020)
+        runner.forward([(fresh, ids, [1] * chunk)])
+
+    chunk_s = timed(one_chunk, 3)
+    return {
+        "decoding_sessions": decoders,
+        "long_turn_tokens": long_tokens,
+        "prefill_chunk_tokens": chunk,
+        "median_gap_s_before": statistics.median(quiet),
+        "median_gap_s_during": statistics.median(during),
+        "max_gap_s_during": max(during),
+        "one_chunk_alone_s": chunk_s,
+        "prefill_seconds": long_to - long_from,
+        "steps_during": len(during) // decoders,
+    }
+
+
+# -- report --------------------------------------------------------------------
+
+
+def machine(threads: int) -> dict:
+    name = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            model_name = line.split(":", 1)[1].strip()
+            name = line.split(":", 1)[1].strip()
             break
+    flags = Path("/proc/cpuinfo").read_text()
     return {
-        "cpu": model_name,
-        "cores": torch.get_num_threads(),
+        "cpu": name,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "avx512": "avx512f" in flags,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,2,3,4,5")
-    parser.add_argument(
-        "--quick", action="store_true", help="smaller sizes, for a smoke run"
+def _by_int(mapping: dict) -> dict[int, object]:
+    """JSON turns int keys into strings; give them back, sorted."""
+    return {int(k): v for k, v in sorted(mapping.items(), key=lambda kv: int(kv[0]))}
+
+
+def _label(ax: object, x: str, y: str, title: str) -> None:
+    """Log axes (base 2 on x), labels, title and legend of one panel."""
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (a, b), (c, d) = axes
+    row1 = result.get("row1_decode")
+    if row1:
+        streamed = _by_int(row1["step_s_by_tokens_streamed"])
+        marks = list(streamed)
+        values = [streamed[k] * 1e3 for k in marks]
+        a.plot(marks, values, "o-", label="sinkserve, 4 + 1,020")
+        a.set_xscale("log")
+        a.set_ylim(0, max(values) * 1.5)
+        a.set_xlabel("tokens streamed")
+        a.set_ylabel("decode step (ms)")
+        a.set_title("Row 1: decode time per token, one session")
+        a.legend()
+        by = _by_int(row1["by_cache_size"])
+        sizes = list(by)
+        b.plot(sizes, [by[s]["ours_s"] * 1e3 for s in sizes], "o-", label="sinkserve")
+        b.plot(
+            sizes,
+            [by[s]["recompute_s"] * 1e3 for s in sizes],
+            "s-",
+            label="sliding window, recompute",
+        )
+        for s in sizes:
+            b.annotate(
+                f"{by[s]['speedup']:.0f}x",
+                (s, by[s]["recompute_s"] * 1e3),
+                xytext=(0, 6),
+                textcoords="offset points",
+                ha="center",
+            )
+        title = "Row 1: against the paper's recompute baseline"
+        _label(b, "cache size (tokens)", "time per token (ms)", title)
+    row2 = result.get("row2_ttft")
+    if row2:
+        ours, resend = _by_int(row2["ours_ttft_s"]), _by_int(row2["resend_ttft_s"])
+        turns = list(ours)
+        c.plot(turns, [ours[k] * 1e3 for k in turns], "o-", label="sinkserve")
+        c.plot(
+            turns,
+            [resend[k] * 1e3 for k in turns],
+            "s-",
+            label="re-send history to transformers",
+        )
+        _label(c, "MT-Bench turn", "time to first token (ms)", "Row 2: TTFT by turn")
+        c.set_xscale("linear")
+    row3 = result.get("row3_throughput")
+    if row3:
+        sizes = [int(s) for s in row3["sessions"]]
+        series = [
+            ("ours_tokens_per_s", "sinkserve", "o-"),
+            ("generate_tokens_per_s", "transformers generate (static batch)", "s--"),
+            ("generate_batch_tokens_per_s", "transformers generate_batch", "^--"),
+            ("llama_cpp_tokens_per_s", "llama.cpp server (Q4_1)", "d:"),
+        ]
+        for key, label, style in series:
+            if key in row3:
+                values = _by_int(row3[key])
+                d.plot(sizes, [values[s] for s in sizes], style, label=label)
+        title = "Row 3: throughput against sessions"
+        _label(d, "concurrent sessions", "aggregate decode tokens/s", title)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3, which="both")
+    m = result["machine"]
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, {result['dtype']}, {m['cpu']}, "
+        f"{m['torch_threads']} threads"
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,3,4,5,6")
+    parser.add_argument("--quick", action="store_true", help="small sizes, smoke run")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("ContinuousBatchingLogger", "services", "worker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
     rows = {int(r) for r in args.rows.split(",")}
-    loaded = load_model(resolve_model("smollm2"))
-    result: dict = {"machine": machine(), "model": "SmolLM2-135M-Instruct fp32"}
     quick = args.quick
-    if 1 in rows or 4 in rows:
-        marks = [1_000, 4_000] if quick else [1_000, 4_000, 16_000, 64_000]
-        result["row1_decode_vs_streamed"] = row_decode_vs_streamed(loaded, marks, quick)
+    loaded = load_model(resolve_model("smollm2"), getattr(torch, args.dtype))
+    out = args.out or RESULTS / ("serving_quick.json" if quick else "serving.json")
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    result: dict = {
+        **previous,
+        "machine": machine(args.threads),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)",
+        "dtype": args.dtype,
+    }
+    if rows & {1, 4}:
+        marks = [1_000, 4_000] if quick else [1_000, 2_000, 4_000, 8_000, 16_000]
+        if not quick:
+            marks += [32_000, 64_000]
+        sizes = [256, 512] if quick else [256, 512, 1024, 2048]
+        result["row1_decode"] = row_decode_vs_streamed(
+            loaded, marks, sizes, 5 if quick else 15
+        )
     if 2 in rows:
-        result["row2_ttft_by_turn"] = row_ttft_by_turn(loaded, 5 if quick else 20, 48)
+        result["row2_ttft"] = row_ttft_by_turn(loaded, 5 if quick else 20, 128)
     if 3 in rows:
         sizes = [1, 4] if quick else [1, 2, 4, 8, 16, 32]
-        result["row3_throughput"] = row_throughput(loaded, sizes, 8 if quick else 24)
+        result["row3_throughput"] = row_throughput(
+            loaded, sizes, 8 if quick else 32, args.threads
+        )
     if 4 in rows:
-        step_s = result["row1_decode_vs_streamed"]["ours_step_s_by_tokens_streamed"]
-        result["row4_bandwidth"] = row_bandwidth_limit(loaded, min(step_s.values()))
+        steps = result["row1_decode"]["step_s_by_tokens_streamed"]
+        result["row4_bandwidth"] = row_bandwidth_limit(loaded, min(steps.values()))
     if 5 in rows:
         result["row5_gateway"] = asyncio.run(
-            _gateway_overhead(loaded, 16 if quick else 48, 1 if quick else 3)
+            _gateway_overhead(loaded, 16 if quick else 64, 1 if quick else 4)
         )
+    if 6 in rows:
+        result["row6_prefill_stall"] = row_prefill_stall(
+            loaded, 2 if quick else 4, 600 if quick else 4000
+        )
+    result = _jsonable(result)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("serving_quick.json" if quick else "serving.json")
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps(result, indent=1, default=str))
+    out.write_text(json.dumps(result, indent=1))
+    figure = Path("/tmp/serving_quick.png") if quick else Path("docs/serving.png")
+    plot(result, figure)
+    print(json.dumps(result, indent=1))
+    print(f"written to {out} and {figure}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ def prepare_model(
     check_supported(model)
     model.to(device).eval()
     model.set_attn_implementation(attention.ATTENTION_NAME)
+    if device == "cpu":
+        lay_out_for_decode(model)
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
@@ -179,6 +181,32 @@ def prepare_model(
     rotary_fp32 = type(model.model.rotary_emb)(config=config).to(device)
     rotary = RotaryTables(rotary_fp32, head_dim, max_positions)
     return LoadedModel(model, tokenizer, rotary, name, fingerprint(config))
+
+
+def lay_out_for_decode(model: PreTrainedModel) -> int:
+    """Store every fp32 projection weight transposed in memory; return how many.
+
+    A decode step multiplies one row of activations by each weight matrix,
+    which is bound by how fast the weights stream from memory. On the CPU the
+    fp32 matrix-vector kernels stream a weight about 1.6x faster when it is
+    laid out [in, out] (the right operand of `x @ w`) than [out, in]. Each
+    parameter keeps its shape [out, in] and only its strides change, so the
+    modules, tied weights and state dict are untouched. bf16 kernels prefer
+    the usual layout, so only fp32 weights are moved.
+    """
+    moved = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        weight = module.weight
+        if id(weight) in seen or weight.dtype != torch.float32:
+            continue
+        seen.add(id(weight))
+        if weight.is_contiguous():
+            weight.data = weight.data.t().contiguous().t()
+            moved += 1
+    return moved
 
 
 def check_supported(model: PreTrainedModel) -> None:
