@@ -7,6 +7,11 @@ sessions and attends each one against its own cache with its own in-cache
 positions. The model is called with every position id set to zero, so its
 own rotary embedding is the identity and the keys it hands over are
 unrotated.
+
+Decoding sessions (one new token each) are the common case and the one whose
+cost is mostly per-call overhead, so they take a batched path: their queries
+and keys are rotated together, each to its own position, and only the cache
+writes and the attention itself run per session.
 """
 
 from __future__ import annotations
@@ -39,11 +44,40 @@ class Segment:
 
 
 @dataclass
+class DecodeBatch:
+    """The one-token segments of a step, gathered for batched rotation."""
+
+    segments: list[Segment]
+    rows: torch.Tensor  # [B] their indices in the packed row
+    positions: torch.Tensor  # [B] the rotary position of each new token
+    whole_row: bool  # every token of the step is a decode token, in order
+
+
+@dataclass
 class PackedStep:
     """Everything the attention function needs for one forward pass."""
 
     segments: list[Segment]
     rotary: RotaryTables
+    decode: DecodeBatch | None = None
+    prefill: list[Segment] | None = None
+
+    def __post_init__(self) -> None:
+        singles = [s for s in self.segments if s.num_tokens == 1]
+        self.prefill = [s for s in self.segments if s.num_tokens > 1]
+        if not singles:
+            return
+        device = self.rotary.cos.device
+        positions = []
+        for segment in singles:
+            where = segment.cache.slot_positions(segment.start, segment.start + 1)
+            positions.append(where.start if isinstance(where, slice) else int(where[0]))
+        self.decode = DecodeBatch(
+            singles,
+            torch.tensor([s.offset for s in singles], device=device),
+            torch.tensor(positions, device=device),
+            whole_row=not self.prefill,
+        )
 
 
 def sink_attention(
@@ -61,27 +95,69 @@ def sink_attention(
     if packed_step is None:
         raise RuntimeError("sinkserve attention called without a packed step")
     layer = module.layer_idx
-    outputs = []
-    for segment in packed_step.segments:
+    rotary = packed_step.rotary
+    output = query.new_empty(query.shape[1:])  # [H, T, D]
+    for segment in packed_step.prefill:
         rows = slice(segment.offset, segment.offset + segment.num_tokens)
         keys, values = segment.cache.write(
             layer, segment.start, key[0, :, rows], value[0, :, rows]
         )  # [KVH, S, D] each
         end = segment.start + segment.num_tokens
         positions = segment.cache.slot_positions(segment.start, end)
-        q = packed_step.rotary.rotate(query[0, :, rows], positions)  # [H, t, D]
+        q = rotary.rotate(query[0, :, rows], positions)  # [H, t, D]
         mask = _causal_mask(segment, keys.shape[1], query.device)
-        out = F.scaled_dot_product_attention(
+        output[:, rows] = F.scaled_dot_product_attention(
             q[None],
             keys[None],
             values[None],
             attn_mask=mask,
             scale=scaling,
             enable_gqa=True,
-        )  # [1, H, t, D]
-        outputs.append(out)
-    output = torch.cat(outputs, dim=2)  # [1, H, T, D]
-    return output.transpose(1, 2).contiguous(), None
+        )[0]
+    batch = packed_step.decode
+    if batch is not None:
+        _decode_attention(layer, batch, rotary, query, key, value, scaling, output)
+    return output.transpose(0, 1)[None].contiguous(), None
+
+
+def _decode_attention(
+    layer: int,
+    batch: DecodeBatch,
+    rotary: RotaryTables,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    output: torch.Tensor,
+) -> None:
+    """One new token per session: rotate all at once, attend one by one."""
+    if batch.whole_row:
+        q, k, v = query[0], key[0], value[0]  # [H or KVH, B, D]
+    else:
+        q = query[0].index_select(1, batch.rows)
+        k = key[0].index_select(1, batch.rows)
+        v = value[0].index_select(1, batch.rows)
+    q_rot = rotary.rotate(q, batch.positions)
+    k_rot = rotary.rotate(k, batch.positions)
+    outs = []
+    for i, segment in enumerate(batch.segments):
+        keys, values = segment.cache.write_rotated(
+            layer, segment.start, k[:, i : i + 1], k_rot[:, i : i + 1], v[:, i : i + 1]
+        )
+        outs.append(
+            F.scaled_dot_product_attention(
+                q_rot[None, :, i : i + 1],
+                keys[None],
+                values[None],
+                scale=scaling,
+                enable_gqa=True,
+            )[0]
+        )
+    attended = torch.cat(outs, dim=1)  # [H, B, D]
+    if batch.whole_row:
+        output.copy_(attended)
+    else:
+        output.index_copy_(1, batch.rows, attended)
 
 
 def _causal_mask(

@@ -136,6 +136,19 @@ class SinkCache:
         The tokens count as cached once `append` records them.
         """
         end = start + k_new.shape[1]
+        k_rot = self.rotary.rotate(k_new, self.slot_positions(start, end))
+        return self.write_rotated(layer, start, k_new, k_rot, v_new)
+
+    def write_rotated(
+        self,
+        layer: int,
+        start: int,
+        k_new: torch.Tensor,
+        k_rot: torch.Tensor,
+        v_new: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write`, with the new keys already rotated to their slots' positions."""
+        end = start + k_new.shape[1]
         if start != self.length:
             raise ValueError(f"write at slot {start}, cache length is {self.length}")
         if end > self.capacity:
@@ -143,9 +156,7 @@ class SinkCache:
         self._refresh(layer, start)
         self.k_raw[layer, :, start:end] = k_new
         self.v[layer, :, start:end] = v_new
-        self.k_rot[layer, :, start:end] = self.rotary.rotate(
-            k_new, self.slot_positions(start, end)
-        )
+        self.k_rot[layer, :, start:end] = k_rot
         return self.k_rot[layer, :, :end], self.v[layer, :, :end]
 
     def slot_positions(self, start: int, end: int) -> slice | torch.Tensor:

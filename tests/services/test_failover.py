@@ -157,9 +157,19 @@ async def test_a_turn_in_flight_when_the_worker_dies_is_reported_lost(
         await ask(conversation, QUESTIONS[1])
         await cluster.flushed()
         node = cluster.nodes[opened.worker_id]
+        # A long reply, and the kill only once the worker has the turn, so
+        # that it is in flight (a turn still in the gateway is not lost).
         await conversation.send(
-            pb.ClientMessage(user_turn=pb.UserTurn(text="Lost turn"))
+            pb.ClientMessage(
+                user_turn=pb.UserTurn(text="Lost turn", max_new_tokens=500)
+            )
         )
+        session = node.engine.sessions[opened.session_id]
+        for _ in range(500):
+            if session.busy:
+                break
+            await asyncio.sleep(0.01)
+        assert session.busy, "the turn never reached the worker"
         await node.kill()
         moved = None
         async for message in conversation.events():

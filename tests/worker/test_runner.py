@@ -1,0 +1,63 @@
+"""Packed steps: each session's logits do not depend on who shares its step."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from worker.engine import Engine
+from worker.runner import ModelRunner
+from worker.sink_cache import SinkCache
+
+
+def _caches(loaded, count: int, history: list[list[int]]) -> list[SinkCache]:
+    runner = ModelRunner(loaded)
+    shape = Engine(loaded).cache_shape
+    caches = []
+    for ids in history[:count]:
+        cache = SinkCache(shape, loaded.rotary, 2, 14, evict_size=4)
+        for start in range(0, len(ids), 7):
+            piece = ids[start : start + 7]
+            runner.forward([(cache, piece, [1] * len(piece))])
+        caches.append(cache)
+    return caches
+
+
+def test_mixed_packed_step_matches_each_session_alone(tiny):
+    loaded, _ = tiny
+    runner = ModelRunner(loaded)
+    # Histories long enough that some caches have evicted (and so hold keys
+    # that must be re-rotated), with different lengths and positions.
+    history = [list(range(5, 5 + n)) for n in (3, 15, 16, 29, 40)]
+    caches = _caches(loaded, 5, history)
+    new = [[7], [9, 11, 13], [17], [19], [23, 29]]  # decode and prefill mixed
+    alone = []
+    for cache, ids in zip(caches, new, strict=True):
+        twin = copy.deepcopy(cache, {id(cache.rotary): cache.rotary})
+        logits, _ = runner.forward([(twin, ids, [1] * len(ids))])
+        alone.append(logits[0])
+    logits, _ = runner.forward(
+        [(c, ids, [1] * len(ids)) for c, ids in zip(caches, new, strict=True)]
+    )
+    for row, expected in enumerate(alone):
+        torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_only_steps_match_one_at_a_time_through_evictions(tiny):
+    loaded, _ = tiny
+    runner = ModelRunner(loaded)
+    history = [list(range(3, 3 + n)) for n in (6, 13, 20)]
+    packed = _caches(loaded, 3, history)
+    single = [copy.deepcopy(c, {id(c.rotary): c.rotary}) for c in packed]
+    for step in range(12):  # every cache evicts at least once on the way
+        tokens = [[30 + step + i] for i in range(3)]
+        together, _ = runner.forward(
+            [(c, t, [1]) for c, t in zip(packed, tokens, strict=True)]
+        )
+        for row, (cache, t) in enumerate(zip(single, tokens, strict=True)):
+            one, _ = runner.forward([(cache, t, [1])])
+            torch.testing.assert_close(together[row], one[0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(packed, single, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.rotated_keys(), b.rotated_keys())
