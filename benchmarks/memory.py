@@ -92,12 +92,20 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     tokens = [r["tokens"] for r in rows]
     fig, (rss, cache) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    rss.plot(tokens, [r["rss_bytes"] / 2**20 for r in rows], color="tab:blue")
+    rss_mib = [r["rss_bytes"] / 2**20 for r in rows]
+    rss.plot(tokens, rss_mib, color="tab:blue")
     rss.set_ylabel("worker RSS (MiB)")
-    rss.set_ylim(bottom=0)
-    cache.plot(tokens, [r["cache_bytes"] / 2**20 for r in rows], color="tab:green")
+    rss.set_ylim(0, max(rss_mib) * 1.15)
+    allocated = [r["cache_bytes"] / 2**20 for r in rows]
+    # The tensors are allocated whole when the cache is made; the slots in
+    # use fill up to the cache size and stay there.
+    per_token = result["cache_bytes_per_token"] / 2**20
+    used = [r["cache_length"] * per_token for r in rows]
+    cache.plot(tokens, allocated, color="tab:green", label="allocated")
+    cache.plot(tokens, used, "--", color="tab:olive", label="slots in use")
     cache.set_ylabel("cache tensors (MiB)")
-    cache.set_ylim(bottom=0)
+    cache.set_ylim(0, max(allocated) * 1.15)
+    cache.legend(loc="lower right")
     cache.set_xlabel("tokens streamed")
     capacity = result["sink_size"] + result["window_size"]
     for ax in (rss, cache):
