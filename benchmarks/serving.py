@@ -17,7 +17,8 @@
 6. Prefill stalls: the longest gap in decoding sessions' tokens while
    another session prefills a long turn, against one chunk's time.
 
-Results go to benchmarks/results/serving.json and docs/serving.png;
+Results go to benchmarks/results/serving.json and docs/serving.png (with
+`--dtype bfloat16`: serving-bfloat16.json and .png);
 docs/benchmarks.md explains them.
 """
 
@@ -552,9 +553,13 @@ async def _gateway_overhead(loaded: LoadedModel, tokens: int, rounds: int) -> di
 # -- row 6 ---------------------------------------------------------------------
 
 
-def row_prefill_stall(loaded: LoadedModel, decoders: int, long_tokens: int) -> dict:
+def row_prefill_stall(
+    loaded: LoadedModel, decoders: int, long_tokens: int, chunk: int
+) -> dict:
     """Decoding sessions' token gaps while another session prefills a long turn."""
-    config = EngineConfig(window_size=4092, max_turn_tokens=long_tokens + 64)
+    config = EngineConfig(
+        window_size=4092, max_turn_tokens=long_tokens + 64, prefill_chunk_size=chunk
+    )
     engine = Engine(loaded, config)
     stamps: dict[str, list[float]] = {}
     for i in range(decoders):
@@ -594,7 +599,6 @@ def row_prefill_stall(loaded: LoadedModel, decoders: int, long_tokens: int) -> d
 
     quiet = gaps(quiet_from, long_from)
     during = gaps(long_from, long_to)
-    chunk = config.prefill_chunk_size
     # One chunk on its own, for scale: the least a step carrying it can take.
     runner = ModelRunner(loaded)
     ids = text_ids[:chunk]
@@ -646,12 +650,14 @@ def _by_int(mapping: dict) -> dict[int, object]:
 
 def _label(ax: object, x: str, y: str, title: str) -> None:
     """Log axes (base 2 on x), labels, title and legend of one panel."""
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ScalarFormatter())
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)
@@ -727,6 +733,8 @@ def plot(result: dict, path: Path) -> None:
         _label(d, "concurrent sessions", "aggregate decode tokens/s", title)
     for ax in axes.flat:
         ax.grid(alpha=0.3, which="both")
+        if not ax.has_data():
+            ax.axis("off")
     m = result["machine"]
     fig.suptitle(
         f"SmolLM2-135M-Instruct, {result['dtype']}, {m['cpu']}, "
@@ -752,6 +760,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the figure from the JSON"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("ContinuousBatchingLogger", "services", "worker"):
@@ -759,9 +770,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rows = {int(r) for r in args.rows.split(",")}
     quick = args.quick
-    loaded = load_model(resolve_model("smollm2"), getattr(torch, args.dtype))
-    out = args.out or RESULTS / ("serving_quick.json" if quick else "serving.json")
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    name = "serving_quick" if quick else f"serving{suffix}"
+    out = args.out or RESULTS / f"{name}.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
+    figure = Path(f"/tmp/{name}.png") if quick else Path(f"docs/{name}.png")
+    if args.plot_only:
+        plot(previous, figure)
+        return
+    loaded = load_model(resolve_model("smollm2"), getattr(torch, args.dtype))
     result: dict = {
         **previous,
         "machine": machine(args.threads),
@@ -791,13 +808,16 @@ def main(argv: list[str] | None = None) -> None:
             _gateway_overhead(loaded, 16 if quick else 64, 1 if quick else 4)
         )
     if 6 in rows:
-        result["row6_prefill_stall"] = row_prefill_stall(
-            loaded, 2 if quick else 4, 600 if quick else 4000
-        )
+        # The chunk size trades the longest stall against prefill time.
+        result["row6_prefill_stall"] = {
+            chunk: row_prefill_stall(
+                loaded, 2 if quick else 4, 600 if quick else 4000, chunk
+            )
+            for chunk in (64, 256)
+        }
     result = _jsonable(result)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    figure = Path("/tmp/serving_quick.png") if quick else Path("docs/serving.png")
     plot(result, figure)
     print(json.dumps(result, indent=1))
     print(f"written to {out} and {figure}")

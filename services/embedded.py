@@ -70,9 +70,14 @@ class WorkerNode:
         log.info("worker %s drained", self.servicer.worker_id)
 
     async def kill(self) -> None:
-        """Stop at once, as a crash would: no drain, nothing flushed."""
-        await self.server.stop(grace=None)
+        """Stop at once, as a crash would: no drain, nothing flushed.
+
+        The engine stops first and settles nothing more, so no snapshot is
+        taken of what happens to the sessions as their streams are cut.
+        """
+        self.engine.on_settled = None
         self.engine.stop()
+        await self.server.stop(grace=None)
 
 
 @asynccontextmanager

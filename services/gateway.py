@@ -88,6 +88,11 @@ class _Relay:
         self.attached = False  # the client has had its SessionOpened
         self.bad_input: str | None = None  # the client sent an undecodable message
         self.rerouted = False  # the first resume went to a new worker
+        # Client messages taken from the inbox and not yet written to the
+        # worker; after a move, the next worker gets them first, in order.
+        self.outbox: list[object] = []
+        self.turn_message: pb.ClientMessage | None = None  # the open user turn
+        self.reply_started = False  # some of its reply reached the client
 
 
 # Worker-side failures that mean the worker is gone or going: move the session.
@@ -118,17 +123,37 @@ async def _read_client(
 async def _pump(
     inbox: asyncio.Queue[object], call: grpc.aio.StreamStreamCall, relay: _Relay
 ) -> None:
-    """Client to worker, until the client half-closes."""
+    """Client to worker, until the client half-closes.
+
+    A message leaves `relay.outbox` only once its write succeeded, so one
+    whose write failed with the worker is not lost: the pump of the next
+    worker sends it first.
+    """
     try:
-        while (message := await inbox.get()) is not _CLIENT_DONE:
+        while True:
+            if not relay.outbox:
+                relay.outbox.append(await inbox.get())
+            message = relay.outbox[0]
+            if message is _CLIENT_DONE:
+                break
             kind = message.WhichOneof("kind")
-            if kind == "user_turn" or (
+            starts_turn = kind == "user_turn" or (
                 kind == "partial_user_turn" and message.partial_user_turn.final
-            ):
+            )
+            was_open = relay.turn_open
+            if starts_turn:
                 relay.turn_sent_s = time.perf_counter()
                 relay.last_token_s = None
-                relay.turn_open = True
-            await call.write(message)
+                relay.turn_open = True  # before the write: replies may follow fast
+                relay.reply_started = False
+                relay.turn_message = message if kind == "user_turn" else None
+            try:
+                await call.write(message)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                relay.turn_open = was_open  # the lost worker never had it
+                raise
+            relay.outbox.pop(0)
+        relay.outbox.clear()
         relay.client_done = True
         await call.done_writing()
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -294,6 +319,18 @@ class GatewayServicer(pb_grpc.SessionsServicer):
                     error.code().name,
                     relay.session_id,
                 )
+                if (
+                    relay.turn_open
+                    and not relay.reply_started
+                    and relay.turn_message is not None
+                ):
+                    # Nothing of the reply reached the client, and the snapshot
+                    # the next worker restores predates the turn: it answers
+                    # the turn afresh, and the client need not know. (A turn
+                    # whose write was cut short is still at the head.)
+                    if not relay.outbox or relay.outbox[0] is not relay.turn_message:
+                        relay.outbox.insert(0, relay.turn_message)
+                    relay.turn_open = False
             finally:
                 if pump is not None:
                     pump.cancel()
@@ -340,6 +377,8 @@ class GatewayServicer(pb_grpc.SessionsServicer):
 
     def _observe(self, message: pb.ServerMessage, timing: _Relay) -> None:
         kind = message.WhichOneof("kind")
+        if kind in ("token", "eviction", "interrupted", "turn_end"):
+            timing.reply_started = True
         if kind == "turn_end":
             timing.turn_open = False
         elif kind == "token":

@@ -9,6 +9,18 @@ from worker.model import LoadedModel
 from worker.sink_cache import Eviction, SinkCache
 
 
+class ForwardFailed(RuntimeError):
+    """A forward pass failed; `evictions` lists what each cache evicted first.
+
+    Caches make room before the model runs, so a failed pass can leave
+    evictions behind; they are real and must still be reported.
+    """
+
+    def __init__(self, evictions: list[list[Eviction]]):
+        super().__init__("the forward pass failed")
+        self.evictions = evictions
+
+
 class ModelRunner:
     """Runs packed steps: prefill chunks and decode tokens side by side."""
 
@@ -31,12 +43,25 @@ class ModelRunner:
         last token of each item (with `all_logits`, [T, V] for every token of
         the packed row), and the evictions each cache made.
         """
+        if len({id(cache) for cache, _, _ in work}) != len(work):
+            raise ValueError("a cache can take part in a step only once")
+        if any(not token_ids for _, token_ids, _ in work):
+            raise ValueError("every item of a step needs at least one token")
         evictions: list[list[Eviction]] = [[] for _ in work]
+        try:
+            return self._forward(work, all_logits, evictions)
+        except Exception as error:
+            raise ForwardFailed(evictions) from error
+
+    def _forward(
+        self,
+        work: list[tuple[SinkCache, list[int], list[int]]],
+        all_logits: bool,
+        evictions: list[list[Eviction]],
+    ) -> tuple[torch.Tensor, list[list[Eviction]]]:
         segments = []
         offset = 0
         for i, (cache, token_ids, _) in enumerate(work):
-            if not token_ids:
-                raise ValueError("every item of a step needs at least one token")
             made = cache.make_room(len(token_ids))
             if made:
                 evictions[i].append(made)

@@ -17,6 +17,7 @@ import torch
 
 from worker import barge_in, duplex
 from worker.detokenizer import StreamDecoder
+from worker.runner import ForwardFailed
 from worker.sampling import sample
 from worker.session import (
     Cut,
@@ -71,11 +72,17 @@ class Stepping:
         work = [(i.session.cache, i.token_ids, i.turn_ids) for i in items]
         try:
             logits, evictions = self.runner.forward(work)
-        except Exception:
+        except Exception as error:
             log.exception("forward pass failed; ending the turns it carried")
+            made = error.evictions if isinstance(error, ForwardFailed) else None
             with self._cond:
                 self._in_flight = set()
-                for item in items:
+                for row, item in enumerate(items):
+                    if item.session.turn is None:
+                        continue
+                    if made is not None:
+                        # What was evicted before the failure is gone all the same.
+                        self._report_evictions(item.session, made[row])
                     self._end_turn(item.session, EndReason.ERROR)
             return len(items)
         with self._cond:
@@ -160,11 +167,7 @@ class Stepping:
         turn = session.turn
         if session.state is SessionState.CLOSED or turn is None:
             return
-        for eviction in evictions:
-            turn.num_evicted += eviction.num_evicted
-            self.metrics.tokens_evicted.inc(eviction.num_evicted)
-            self.metrics.evictions.inc()
-            session.emit(EvictionEvent(turn.turn, eviction))
+        self._report_evictions(session, evictions)
         if not item.decode:
             turn.fed_ids.extend(item.token_ids)
             turn.num_prefilled += len(item.token_ids)
@@ -186,6 +189,14 @@ class Stepping:
         # On the CPU: the session's generator lives there, and stays portable.
         token = sample(logits.cpu(), session.sampling, session.generator)
         self._take_token(session, token)
+
+    def _report_evictions(self, session: Session, evictions: list) -> None:
+        turn = session.turn
+        for eviction in evictions:
+            turn.num_evicted += eviction.num_evicted
+            self.metrics.tokens_evicted.inc(eviction.num_evicted)
+            self.metrics.evictions.inc()
+            session.emit(EvictionEvent(turn.turn, eviction))
 
     def _take_token(self, session: Session, token: int) -> None:
         turn = session.turn

@@ -157,19 +157,16 @@ async def test_a_turn_in_flight_when_the_worker_dies_is_reported_lost(
         await ask(conversation, QUESTIONS[1])
         await cluster.flushed()
         node = cluster.nodes[opened.worker_id]
-        # A long reply, and the kill only once the worker has the turn, so
-        # that it is in flight (a turn still in the gateway is not lost).
+        # A long reply, and the kill only once part of it reached the client:
+        # the next worker cannot continue a reply it never saw, so the turn
+        # is lost. (A turn whose reply had not begun is answered afresh.)
         await conversation.send(
             pb.ClientMessage(
                 user_turn=pb.UserTurn(text="Lost turn", max_new_tokens=500)
             )
         )
-        session = node.engine.sessions[opened.session_id]
-        for _ in range(500):
-            if session.busy:
-                break
-            await asyncio.sleep(0.01)
-        assert session.busy, "the turn never reached the worker"
+        first = await asyncio.wait_for(conversation._read(), 30)
+        assert first.WhichOneof("kind") == "token"
         await node.kill()
         moved = None
         async for message in conversation.events():
@@ -248,3 +245,78 @@ async def test_redis_outage_spares_live_sessions(tiny, tokenizer, failover_redis
         fresh = Conversation(cluster.channel)
         await fresh.open(sampling=SAMPLING)
         assert (await ask(fresh, QUESTIONS[0]))[-1].turn_end.turn == 1
+
+
+async def test_a_turn_sent_as_its_worker_dies_is_delivered_elsewhere(
+    tiny, tokenizer, url
+):
+    """The turn races the gateway noticing the loss; it must never vanish."""
+    expected = reference_replies(tiny, tokenizer, 3)
+    for _ in range(3):
+        async with Cluster(tiny, tokenizer, url) as cluster:
+            conversation, node = await two_turns_in(cluster)
+            # The turn goes out in the same instant as the kill.
+            kill = asyncio.create_task(node.kill())
+            await conversation.send(
+                pb.ClientMessage(user_turn=pb.UserTurn(text=QUESTIONS[2]))
+            )
+            await kill
+            before = []
+            while message := await asyncio.wait_for(conversation._read(), 30):
+                before.append(message)
+                if message.WhichOneof("kind") == "moved":
+                    break
+            moved = before.pop().moved
+            if any(m.WhichOneof("kind") == "turn_end" for m in before):
+                messages = before  # answered before the worker went
+            elif moved.turn_lost:
+                # Part of the reply had arrived: the client sends the turn again.
+                messages = await asyncio.wait_for(
+                    _collect(conversation.ask(QUESTIONS[2])), 30
+                )
+            else:
+                assert not tokens(before), "a reply that began is not replayed"
+                messages = await asyncio.wait_for(_collect(conversation.reply()), 30)
+            assert tokens(messages) == expected[2]
+
+
+async def two_turns_in(cluster: Cluster):
+    """A session with two answered turns, snapshotted; and its worker."""
+    conversation = Conversation(cluster.channel)
+    opened = await conversation.open(sampling=SAMPLING)
+    for question in QUESTIONS[:2]:
+        await ask(conversation, question)
+    await cluster.flushed()
+    return conversation, cluster.nodes[opened.worker_id]
+
+
+async def _collect(messages) -> list[pb.ServerMessage]:
+    return [m async for m in messages]
+
+
+async def test_a_turn_whose_reply_had_not_begun_is_answered_by_the_next_worker(
+    tiny, tokenizer, url
+):
+    expected = reference_replies(tiny, tokenizer, 4)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversation, node = await two_turns_in(cluster)
+        opened = conversation.opened
+        # The worker takes the turn but its engine never runs it: the turn is
+        # in flight on the worker, and not one token of its reply exists.
+        node.engine.stop()
+        await conversation.send(
+            pb.ClientMessage(user_turn=pb.UserTurn(text=QUESTIONS[2]))
+        )
+        session = node.engine.sessions[opened.session_id]
+        for _ in range(500):
+            if session.busy:
+                break
+            await asyncio.sleep(0.01)
+        assert session.busy, "the worker never received the turn"
+        await node.kill()
+        messages = await asyncio.wait_for(_collect(conversation.reply()), 30)
+        assert messages[0].WhichOneof("kind") == "moved"
+        assert not messages[0].moved.turn_lost
+        assert messages[0].moved.num_turns == 2
+        assert tokens(messages) == expected[2]
+        assert tokens(await ask(conversation, QUESTIONS[3])) == expected[3]

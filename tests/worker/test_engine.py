@@ -193,3 +193,34 @@ def test_cancel_during_prefill_leaves_no_trace(tiny):
         engine.step()
     assert events[-1].reason is EndReason.CANCELLED
     assert_same(before, snapshot(session))
+
+
+def test_a_failed_forward_reports_its_evictions_and_rolls_the_turn_back(tiny):
+    loaded, _ = tiny
+    config = EngineConfig(sink_size=4, window_size=40, evict_size=8)
+    engine = Engine(loaded, config)
+    session = engine.open_session(None, SamplingParams(max_new_tokens=6))
+    run_turn(engine, session, " ".join(f"w{i}" for i in range(14)))
+    before = list(session.cache.token_ids)
+    pinned = session.cache.num_pinned
+    assert session.cache.length > 30, "the next turn must make the cache evict"
+
+    model = engine.runner.model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    engine.runner.model = broken
+    events = run_turn(engine, session, "a question long enough to need room")
+    engine.runner.model = model
+
+    evicted = [e.eviction.num_evicted for e in events if hasattr(e, "eviction")]
+    assert evicted and sum(evicted) > 0, "the eviction made before the failure"
+    assert events[-1].reason is EndReason.ERROR
+    assert events[-1].stats.num_evicted == sum(evicted)
+    # The turn leaves nothing; only the evicted tokens are gone, from the front.
+    gone = sum(evicted)
+    assert session.cache.token_ids == before[:pinned] + before[pinned + gone :]
+    assert engine.metrics.tokens_evicted._value.get() >= gone
+    replies = run_turn(engine, session, "and now it works")
+    assert replies[-1].reason in (EndReason.STOP, EndReason.LENGTH)

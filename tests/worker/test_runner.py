@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from worker.engine import Engine
@@ -61,3 +62,14 @@ def test_decode_only_steps_match_one_at_a_time_through_evictions(tiny):
     for a, b in zip(packed, single, strict=True):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.rotated_keys(), b.rotated_keys())
+
+
+def test_a_cache_twice_in_one_step_is_refused_before_anything_changes(tiny):
+    loaded, _ = tiny
+    runner = ModelRunner(loaded)
+    (cache,) = _caches(loaded, 1, [list(range(3, 20))])
+    before = (list(cache.token_ids), cache.k_raw.clone())
+    with pytest.raises(ValueError, match="only once"):
+        runner.forward([(cache, [5], [1]), (cache, [6], [1])])
+    assert cache.token_ids == before[0]
+    torch.testing.assert_close(cache.k_raw, before[1])
