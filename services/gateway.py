@@ -93,6 +93,7 @@ class _Relay:
         self.outbox: list[object] = []
         self.turn_message: pb.ClientMessage | None = None  # the open user turn
         self.reply_started = False  # some of its reply reached the client
+        self.reply_turn: int | None = None  # the turn number of that reply
 
 
 # Worker-side failures that mean the worker is gone or going: move the session.
@@ -146,6 +147,7 @@ async def _pump(
                 relay.last_token_s = None
                 relay.turn_open = True  # before the write: replies may follow fast
                 relay.reply_started = False
+                relay.reply_turn = None
                 relay.turn_message = message if kind == "user_turn" else None
             try:
                 await call.write(message)
@@ -366,9 +368,13 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             return pb.ServerMessage(opened=opened)
         relay.moving = False
         self.metrics.sessions_moved.inc()
+        # A turn whose reply began may still have finished and been
+        # snapshotted before the worker went: then the restored session holds
+        # it (the client missed only the end of its reply), and it is not lost.
+        kept = relay.reply_turn is not None and opened.num_turns >= relay.reply_turn
         moved = pb.SessionMoved(
             worker_id=opened.worker_id,
-            turn_lost=relay.turn_open,
+            turn_lost=relay.turn_open and not kept,
             cache_length=opened.cache_length,
             num_turns=opened.num_turns,
         )
@@ -379,6 +385,8 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         kind = message.WhichOneof("kind")
         if kind in ("token", "eviction", "interrupted", "turn_end"):
             timing.reply_started = True
+        if kind == "token":
+            timing.reply_turn = message.token.turn
         if kind == "turn_end":
             timing.turn_open = False
         elif kind == "token":

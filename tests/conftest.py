@@ -77,3 +77,34 @@ def real_model(smollm2_path: Path) -> LoadedModel:
     from worker.model import load_model
 
     return load_model(smollm2_path)
+
+
+def restart_redis(proc: object, attempts: int = 5) -> None:
+    """Start a stopped pytest-redis server again, and wait until it answers.
+
+    A restart on the same port can lose the race for the port to the old
+    process's exit; then the new server dies at once. Try again until a PING
+    gets through.
+    """
+    import time
+
+    import redis
+
+    for _ in range(attempts):
+        try:
+            proc.start()
+        except Exception:  # the executor's own start-up check gave up
+            pass
+        client = redis.Redis(host=proc.host, port=proc.port, socket_timeout=1)
+        try:
+            for _ in range(20):
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    time.sleep(0.1)
+        finally:
+            client.close()
+        proc.stop()
+        time.sleep(0.5)
+    raise RuntimeError(f"redis on port {proc.port} did not come back")

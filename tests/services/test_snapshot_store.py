@@ -15,6 +15,7 @@ from services.snapshot_store import (
     SnapshotMissing,
     StoreUnavailable,
 )
+from tests.conftest import restart_redis
 from tests.worker.test_engine import run_turn
 from worker.engine import Engine
 from worker.session import SamplingParams
@@ -170,7 +171,7 @@ async def test_redis_outage_is_reported_and_survived(outage_redis, namespace):
         with pytest.raises(StoreUnavailable):
             await store.delete("s1")
     finally:
-        outage_redis.start()
+        restart_redis(outage_redis)
     # The restarted server kept nothing (no persistence); the store reconnects.
     await store.put("s1", blob)
     assert await store.get("s1") == blob

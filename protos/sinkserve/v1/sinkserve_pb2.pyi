@@ -757,9 +757,10 @@ class SessionMoved(_message.Message):
     worker_id: _builtins.str
     """The worker that holds the session now."""
     turn_lost: _builtins.bool
-    """True when a turn was in flight and part of its reply had been sent: it
-    is lost and can be sent again. A turn whose reply had not begun is
-    answered by the new worker instead, and this stays false.
+    """True when a turn was in flight, part of its reply had been sent, and
+    the restored session does not hold the turn: it can be sent again. A
+    turn whose reply had not begun is answered by the new worker instead;
+    one that finished before the worker went is in `num_turns`.
     """
     cache_length: _builtins.int
     """Tokens cached after the restore."""
