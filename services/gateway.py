@@ -155,7 +155,8 @@ async def _pump(
                 relay.turn_open = was_open  # the lost worker never had it
                 raise
             relay.outbox.pop(0)
-        relay.outbox.clear()
+        # The end of the client's messages stays queued: after a move, the
+        # next worker is told at once that the client is done writing.
         relay.client_done = True
         await call.done_writing()
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
