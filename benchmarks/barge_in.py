@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import random
 import statistics
 import time
@@ -40,6 +39,7 @@ import grpc
 import numpy as np
 import torch
 
+from benchmarks.common import machine
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services.client import Conversation, RequestRefused
 from services.datasets import mtbench_questions
@@ -88,31 +88,6 @@ def load_engine(args: argparse.Namespace) -> Engine:
         torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model("smollm2"), getattr(torch, dtype), device)
     return Engine(loaded, EngineConfig(), WorkerMetrics())
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "arch": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = list(os.getloadavg())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def histogram_mean_ms(metrics: WorkerMetrics, name: str) -> float | None:

@@ -45,9 +45,9 @@ from benchmarks.barge_in import (
     RESULTS_DIR,
     add_model_flags,
     load_engine,
-    machine,
     write_json,
 )
+from benchmarks.common import machine
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services.client import Conversation
 from services.datasets import austen_text

@@ -29,10 +29,7 @@ import asyncio
 import copy
 import json
 import logging
-import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +44,7 @@ import psutil
 import torch
 from transformers import GenerationConfig
 
+from benchmarks.common import free_port, machine
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
 from services.client import Conversation
 from services.datasets import austen_text, mtbench_questions
@@ -319,7 +317,7 @@ class LlamaCppServer:
     """llama.cpp's server from llama-cpp-python, on the same GGUF file."""
 
     def __init__(self, threads: int, n_ctx: int, parallel_slots: int):
-        self.port = _free_port()
+        self.port = free_port()
         command = [
             sys.executable,
             "-m",
@@ -413,12 +411,6 @@ class LlamaCppServer:
         return sum(counts) / (max(lasts) - min(firsts))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def row_throughput(
     loaded: LoadedModel, sizes: list[int], steps: int, threads: int
 ) -> dict:
@@ -498,7 +490,7 @@ async def _token_stamps(address: str, tokens: int) -> list[float]:
 async def _gateway_overhead(loaded: LoadedModel, tokens: int, rounds: int) -> dict:
     engine = Engine(loaded)
     async with worker_node(engine, None) as node:
-        port = _free_port()
+        port = free_port()
         gateway = subprocess.Popen(
             [
                 sys.executable,
@@ -622,25 +614,6 @@ def row_prefill_stall(
 
 
 # -- report --------------------------------------------------------------------
-
-
-def machine(threads: int) -> dict:
-    name = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    flags = Path("/proc/cpuinfo").read_text()
-    return {
-        "cpu": name,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": threads,
-        "avx512": "avx512f" in flags,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def _by_int(mapping: dict) -> dict[int, object]:
@@ -781,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(resolve_model("smollm2"), getattr(torch, args.dtype))
     result: dict = {
         **previous,
-        "machine": machine(args.threads),
+        "machine": machine(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)",
         "dtype": args.dtype,
     }

@@ -37,9 +37,7 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -53,6 +51,7 @@ from typing import Any
 import redis
 import torch
 
+from benchmarks.common import free_port, machine
 from services.snapshot_store import DEFAULT_CHUNK_BYTES, RedisSnapshotStore
 from worker.engine import Engine, EngineConfig
 from worker.metrics import WorkerMetrics
@@ -72,34 +71,7 @@ PREFILL_CHUNK = 256
 CONFIG = EngineConfig(window_size=4092, max_window_size=4092)
 
 
-# -- the machine and the server -------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "arch": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# -- the server -------------------------------------------------------------------
 
 
 @contextmanager
