@@ -386,11 +386,10 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         kind = message.WhichOneof("kind")
         if kind in ("token", "eviction", "interrupted", "turn_end"):
             timing.reply_started = True
-        if kind == "token":
-            timing.reply_turn = message.token.turn
         if kind == "turn_end":
             timing.turn_open = False
         elif kind == "token":
+            timing.reply_turn = message.token.turn
             now = time.perf_counter()
             self.metrics.tokens_relayed.inc()
             if timing.last_token_s is not None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from services.snapshot_store import RedisSnapshotStore, StoreUnavailable
 from worker.engine import Engine
-from worker.errors import SessionNotFound, SnapshotRefused, Unavailable
+from worker.errors import SessionNotFound, SnapshotError, SnapshotRefused, Unavailable
 from worker.session import Session
-from worker.snapshot import SessionImage, SnapshotError, decode_snapshot, encode_image
+from worker.snapshot import SessionImage, decode_snapshot, encode_image
 
 log = logging.getLogger(__name__)
 

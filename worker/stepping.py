@@ -67,8 +67,7 @@ class Stepping:
             items = self._plan()
             self._in_flight = {item.session.session_id for item in items}
         if not items:
-            self.metrics.generating_sessions.set(0)
-            return 0
+            return 0  # _plan has set the generating gauge to 0
         work = [(i.session.cache, i.token_ids, i.turn_ids) for i in items]
         try:
             logits, evictions = self.runner.forward(work)
