@@ -50,7 +50,13 @@ from services.client import Conversation
 from services.datasets import austen_text, mtbench_questions
 from services.embedded import worker_node
 from worker.engine import Engine, EngineConfig
-from worker.model import LoadedModel, find_smollm2_gguf, load_model, resolve_model
+from worker.model import (
+    LoadedModel,
+    find_smollm2_gguf,
+    load_model,
+    resolve_model,
+)
+from worker.model import weight_bytes as model_weight_bytes
 from worker.runner import ModelRunner
 from worker.session import SamplingParams, TokenEvent, TurnEndEvent
 from worker.sink_cache import SinkCache
@@ -457,8 +463,8 @@ def row_bandwidth_limit(loaded: LoadedModel, single_step_s: float) -> dict:
     big = torch.ones(512 * 2**20 // 4)  # 512 MiB of fp32, far beyond the caches
     seconds = timed(lambda: big.sum(), 7)
     bandwidth = big.numel() * 4 / seconds
-    # Tied weights count once: parameters() yields each tensor once.
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    # Each weight once, packed or not; a tied embedding is read one row a token.
+    weight_bytes = model_weight_bytes(loaded.model)
     limit = bandwidth / weight_bytes
     measured = 1 / single_step_s
     return {

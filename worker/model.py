@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -171,8 +172,8 @@ def prepare_model(
     check_supported(model)
     model.to(device).eval()
     model.set_attn_implementation(attention.ATTENTION_NAME)
-    if device == "cpu":
-        lay_out_for_decode(model)
+    if can_pack(model):
+        pack_linears(model)
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
@@ -183,30 +184,78 @@ def prepare_model(
     return LoadedModel(model, tokenizer, rotary, name, fingerprint(config))
 
 
-def lay_out_for_decode(model: PreTrainedModel) -> int:
-    """Store every fp32 projection weight transposed in memory; return how many.
+class PackedLinear(nn.Module):
+    """A bias-optional linear layer whose weight oneDNN has re-laid out.
 
-    A decode step multiplies one row of activations by each weight matrix,
-    which is bound by how fast the weights stream from memory. On the CPU the
-    fp32 matrix-vector kernels stream a weight about 1.6x faster when it is
-    laid out [in, out] (the right operand of `x @ w`) than [out, in]. Each
-    parameter keeps its shape [out, in] and only its strides change, so the
-    modules, tied weights and state dict are untouched. bf16 kernels prefer
-    the usual layout, so only fp32 weights are moved.
+    The plain CPU kernels run a matrix product of a few rows (a decode step
+    of one to a few dozen sessions) far below the machine's memory
+    bandwidth. oneDNN's linear on a weight packed once into its own blocked
+    layout runs the same product about 1.5x faster with one row and about
+    2x faster with 16. The packed weight lives outside the module's
+    parameters: it is not saved, moved or cast with the model.
     """
-    moved = 0
-    seen: set[int] = set()
+
+    def __init__(self, linear: nn.Linear, batch_hint: int):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().contiguous()
+        self.dtype = weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise TypeError(f"input is {x.dtype}, the packed weight is {self.dtype}")
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self.packed, self.bias, "none", [], ""
+        )
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size()
+
+
+PACK_BATCH_HINT = 64  # the row count oneDNN lays the weights out for
+
+
+def can_pack(model: PreTrainedModel) -> bool:
+    """Whether this build of torch can pack the model's CPU weights."""
+    param = next(model.parameters())
+    return (
+        param.device.type == "cpu"
+        and param.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def pack_linears(model: PreTrainedModel) -> int:
+    """Swap every `nn.Linear` for a `PackedLinear`; return how many.
+
+    Call it last: the model must not be moved or cast afterwards. A tied
+    output head gets its own packed copy; the embedding keeps the original.
+    """
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                swaps.append((parent, name, child))
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child, PACK_BATCH_HINT))
+    return len(swaps)
+
+
+def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of weights one decode step reads: every tensor once, packed or not."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        weight = module.weight
-        if id(weight) in seen or weight.dtype != torch.float32:
-            continue
-        seen.add(id(weight))
-        if weight.is_contiguous():
-            weight.data = weight.data.t().contiguous().t()
-            moved += 1
-    return moved
+        if isinstance(module, PackedLinear):
+            total += module.nbytes()
+    embed = model.get_input_embeddings().weight
+    if isinstance(model.get_output_embeddings(), PackedLinear):
+        # The tied embedding is read one row per token, not whole.
+        total -= embed.numel() * embed.element_size()
+    return total
 
 
 def check_supported(model: PreTrainedModel) -> None:

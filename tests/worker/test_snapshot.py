@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ import torch
 from tests.worker.test_engine import run_turn
 from worker.detokenizer import StreamDecoder
 from worker.engine import Engine, EngineConfig
+from worker.model import prepare_model
 from worker.session import SamplingParams, Session, TokenEvent, TurnEndEvent
 from worker.snapshot import (
     _PREFIX,
@@ -75,7 +77,6 @@ def reply(engine: Engine, session: Session, text: str) -> tuple[list[int], str]:
 
 def converse(loaded, dtype: torch.dtype, sampling: SamplingParams):
     """An engine and a session that had two turns, with evictions."""
-    loaded.model.to(dtype)
     engine = Engine(loaded, CONFIG)
     session = engine.open_session("Be brief.", sampling)
     fed = 0
@@ -96,7 +97,10 @@ def converse(loaded, dtype: torch.dtype, sampling: SamplingParams):
     ids=["fp32-greedy", "bf16-greedy", "fp32-sampled"],
 )
 def test_round_trip_is_exact_and_continues_the_same(tiny, dtype, sampling):
-    loaded, _ = tiny
+    _, reference = tiny
+    # A model is cast before it is prepared: its packed weights keep their dtype.
+    served = copy.deepcopy(reference).to(dtype)
+    loaded = prepare_model(served, tiny[0].tokenizer, max_positions=4096)
     engine, session = converse(loaded, dtype, sampling)
     blob = encode_snapshot(session, loaded.fingerprint)
     other = Engine(loaded, CONFIG)
