@@ -10,8 +10,11 @@ unrotated.
 
 Decoding sessions (one new token each) are the common case and the one whose
 cost is mostly per-call overhead, so they take a batched path: their queries
-and keys are rotated together, each to its own position, and only the cache
-writes and the attention itself run per session.
+and keys are rotated together, each to its own position. Sessions whose
+caches sit in consecutive rows of a shared pool block (see kv_pool) then
+write their new keys with one indexed store per tensor and attend in one
+call, keys beyond each row's own length masked off; a cache outside a pool
+writes and attends on its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from worker.kv_pool import KVBlock
 from worker.rotary import RotaryTables
 from worker.sink_cache import SinkCache
 
@@ -44,6 +48,24 @@ class Segment:
 
 
 @dataclass
+class DecodeRun:
+    """Decode segments in consecutive rows of one pool block.
+
+    They are one strided slice of the block, so they attend in one call:
+    each query against its own row, keys past its row's length masked off.
+    """
+
+    block: KVBlock
+    rows: slice  # the block rows, in order
+    members: torch.Tensor  # [n] their indices in the decode batch
+    row_ids: torch.Tensor  # [n] block row of each
+    slots: torch.Tensor  # [n] the slot each new token takes
+    num_keys: int  # the longest of their caches after this token
+    segments: list[Segment]
+    mask: torch.Tensor  # [n, 1, 1, num_keys] which slots each may see
+
+
+@dataclass
 class DecodeBatch:
     """The one-token segments of a step, gathered for batched rotation."""
 
@@ -51,6 +73,8 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] their indices in the packed row
     positions: torch.Tensor  # [B] the rotary position of each new token
     whole_row: bool  # every token of the step is a decode token, in order
+    runs: list[DecodeRun]  # the pooled segments, attended run by run
+    alone: list[int]  # indices of segments attended one by one
 
 
 @dataclass
@@ -72,12 +96,65 @@ class PackedStep:
         for segment in singles:
             where = segment.cache.slot_positions(segment.start, segment.start + 1)
             positions.append(where.start if isinstance(where, slice) else int(where[0]))
+        runs, alone = _runs(singles, device)
         self.decode = DecodeBatch(
             singles,
             torch.tensor([s.offset for s in singles], device=device),
             torch.tensor(positions, device=device),
             whole_row=not self.prefill,
+            runs=runs,
+            alone=alone,
         )
+
+
+def _runs(
+    singles: list[Segment], device: torch.device
+) -> tuple[list[DecodeRun], list[int]]:
+    """Split decode segments into runs of consecutive pool rows."""
+    pooled: dict[int, list[tuple[int, int]]] = {}  # block id -> (row, index)
+    blocks: dict[int, KVBlock] = {}
+    alone = []
+    for index, segment in enumerate(singles):
+        block = segment.cache.block
+        if block is None:
+            alone.append(index)
+            continue
+        blocks[id(block)] = block
+        pooled.setdefault(id(block), []).append((segment.cache.row, index))
+    runs = []
+    for key, members in pooled.items():
+        members.sort()
+        group: list[tuple[int, int]] = []
+        for row, index in members:
+            if group and row != group[-1][0] + 1:
+                runs.append(_run(blocks[key], group, singles, device))
+                group = []
+            group.append((row, index))
+        runs.append(_run(blocks[key], group, singles, device))
+    return runs, alone
+
+
+def _run(
+    block: KVBlock,
+    group: list[tuple[int, int]],
+    singles: list[Segment],
+    device: torch.device,
+) -> DecodeRun:
+    slots = [singles[index].start for _, index in group]
+    num_keys = max(slots) + 1
+    key_slots = torch.arange(num_keys, device=device)
+    slot_tensor = torch.tensor(slots, device=device)
+    mask = key_slots[None, :] <= slot_tensor[:, None]  # [n, S]
+    return DecodeRun(
+        block,
+        slice(group[0][0], group[-1][0] + 1),
+        torch.tensor([index for _, index in group], device=device),
+        torch.tensor([row for row, _ in group], device=device),
+        slot_tensor,
+        num_keys,
+        [singles[index] for _, index in group],
+        mask[:, None, None, :],
+    )
 
 
 def sink_attention(
@@ -130,7 +207,8 @@ def _decode_attention(
     scaling: float | None,
     output: torch.Tensor,
 ) -> None:
-    """One new token per session: rotate all at once, attend one by one."""
+    """One new token per session: rotate all at once; write and attend per
+    run of pooled rows, and one by one for caches outside a pool."""
     if batch.whole_row:
         q, k, v = query[0], key[0], value[0]  # [H or KVH, B, D]
     else:
@@ -139,21 +217,39 @@ def _decode_attention(
         v = value[0].index_select(1, batch.rows)
     q_rot = rotary.rotate(q, batch.positions)
     k_rot = rotary.rotate(k, batch.positions)
-    outs = []
-    for i, segment in enumerate(batch.segments):
+    attended = torch.empty_like(q)  # [H, B, D]
+    for i in batch.alone:
+        segment = batch.segments[i]
         keys, values = segment.cache.write_rotated(
             layer, segment.start, k[:, i : i + 1], k_rot[:, i : i + 1], v[:, i : i + 1]
         )
-        outs.append(
-            F.scaled_dot_product_attention(
-                q_rot[None, :, i : i + 1],
-                keys[None],
-                values[None],
-                scale=scaling,
-                enable_gqa=True,
-            )[0]
-        )
-    attended = torch.cat(outs, dim=1)  # [H, B, D]
+        attended[:, i : i + 1] = F.scaled_dot_product_attention(
+            q_rot[None, :, i : i + 1],
+            keys[None],
+            values[None],
+            scale=scaling,
+            enable_gqa=True,
+        )[0]
+    for run in batch.runs:
+        for segment in run.segments:
+            segment.cache.prepare_write(layer, segment.start, 1)
+        block, members = run.block, run.members
+        # [KVH, n, D] -> [n, KVH, D] at (row, slot) of each member
+        for store, new in ((block.k_raw, k), (block.k_rot, k_rot), (block.v, v)):
+            store[layer][run.row_ids, :, run.slots] = new.index_select(
+                1, members
+            ).transpose(0, 1)
+        keys = block.k_rot[layer, run.rows, :, : run.num_keys]  # [n, KVH, S, D]
+        values = block.v[layer, run.rows, :, : run.num_keys]
+        out = F.scaled_dot_product_attention(
+            q_rot.index_select(1, members).transpose(0, 1)[:, :, None],  # [n,H,1,D]
+            keys,
+            values,
+            attn_mask=run.mask,
+            scale=scaling,
+            enable_gqa=True,
+        )  # [n, H, 1, D]
+        attended.index_copy_(1, members, out[:, :, 0].transpose(0, 1))
     if batch.whole_row:
         output.copy_(attended)
     else:

@@ -26,6 +26,7 @@ from worker.errors import (
     SessionNotFound,
     Unavailable,
 )
+from worker.kv_pool import KVPool
 from worker.metrics import WorkerMetrics
 from worker.model import LoadedModel
 from worker.runner import ModelRunner
@@ -62,10 +63,13 @@ class EngineConfig:
     max_new_tokens: int = 256
     max_new_tokens_limit: int = 4096
     eviction: EvictionPolicy = EvictionPolicy.TOKENS
+    pool_block_rows: int = 16  # caches per block of the shared KV pool
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if self.pool_block_rows < 1:
+            raise ValueError("pool_block_rows must be >= 1")
         if not 0 <= self.sink_size <= self.max_sink_size:
             raise ValueError("sink_size must be in [0, max_sink_size]")
         if not 1 <= self.window_size <= self.max_window_size:
@@ -114,6 +118,9 @@ class Engine(Stepping):
             param.dtype,
             param.device,
         )
+        # Every session's cache is a row of this pool: decoding sessions in
+        # neighbouring rows write and attend together.
+        self.kv_pool = KVPool(self.cache_shape, self.config.pool_block_rows)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -179,6 +186,7 @@ class Engine(Stepping):
                 cache_config.window_size,
                 cache_config.evict_size,
                 whole_turns=cache_config.eviction is EvictionPolicy.TURNS,
+                pool=self.kv_pool,
             )
             session = Session(session_id, cache, cache_config, sampling, system_ids)
             self.sessions[session_id] = session
@@ -207,6 +215,8 @@ class Engine(Stepping):
         session.sampling.validate(self.config.max_new_tokens_limit)
         with self._cond:
             self._check_room(session.session_id)
+            if session.cache.block is None:
+                session.cache.move_into(self.kv_pool)
             session.idle_since_s = time.monotonic()
             self.sessions[session.session_id] = session
             self._decoders[session.session_id] = StreamDecoder(

@@ -16,10 +16,12 @@ positions cannot drift however long the session runs.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
+from worker.kv_pool import KVBlock, KVPool
 from worker.rotary import RotaryTables
 
 
@@ -67,6 +69,7 @@ class SinkCache:
         evict_size: int = 1,
         headroom: int = 0,
         whole_turns: bool = False,
+        pool: KVPool | None = None,
     ):
         if sink_size < 0 or window_size < 1 or evict_size < 1 or headroom < 0:
             raise ValueError("sink_size >= 0, window_size >= 1, evict_size >= 1")
@@ -75,11 +78,18 @@ class SinkCache:
             raise ValueError(
                 f"capacity {capacity} exceeds the rotary table ({rotary.max_positions})"
             )
-        size = (shape.num_layers, shape.num_kv_heads, capacity, shape.head_dim)
-        options = {"dtype": shape.dtype, "device": shape.device}
-        self.k_raw = torch.zeros(size, **options)  # [L, KVH, C, D]
-        self.k_rot = torch.zeros(size, **options)  # [L, KVH, C, D]
-        self.v = torch.zeros(size, **options)  # [L, KVH, C, D]
+        # The storage: a row of a shared pool, or tensors of its own.
+        self.block: KVBlock | None = None
+        self.row: int | None = None
+        if pool is not None:
+            self.block, self.row = pool.attach(self, capacity)
+            self.k_raw, self.k_rot, self.v = self.block.views(self.row)
+        else:
+            size = (shape.num_layers, shape.num_kv_heads, capacity, shape.head_dim)
+            options = {"dtype": shape.dtype, "device": shape.device}
+            self.k_raw = torch.zeros(size, **options)  # [L, KVH, C, D]
+            self.k_rot = torch.zeros(size, **options)  # [L, KVH, C, D]
+            self.v = torch.zeros(size, **options)  # [L, KVH, C, D]
         self.shape = shape
         self.rotary = rotary
         self.sink_size = sink_size
@@ -108,6 +118,38 @@ class SinkCache:
     def pin_through(self, length: int) -> None:
         """Pin slots [0, length) (the system prompt) besides the sinks."""
         self._pin_target = max(self.sink_size, length)
+
+    def move_into(self, pool: KVPool) -> None:
+        """Move this cache's storage into a row of `pool` (it must fit)."""
+        if self.block is not None:
+            raise ValueError("the cache is already pooled")
+        if pool.shape != self.shape:
+            raise ValueError("the pool holds caches of another model")
+        block, row = pool.attach(self, self.capacity)
+        for mine, theirs in zip(
+            (self.k_raw, self.k_rot, self.v), block.views(row), strict=True
+        ):
+            theirs.copy_(mine)
+        self.block, self.row = block, row
+        self.k_raw, self.k_rot, self.v = block.views(row)
+
+    def __deepcopy__(self, memo: dict) -> SinkCache:
+        """An independent copy with storage of its own, never pooled; the
+        rotary tables and the geometry are shared, being read-only."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            if name == "block":
+                copied = None
+            elif name in ("rotary", "shape"):
+                copied = value
+            elif isinstance(value, torch.Tensor):
+                copied = value.clone()  # a pooled view becomes its own tensor
+            else:
+                copied = copy.deepcopy(value, memo)
+            setattr(clone, name, copied)
+        clone.row = None
+        return clone
 
     def nbytes(self) -> int:
         return sum(
@@ -149,15 +191,22 @@ class SinkCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`write`, with the new keys already rotated to their slots' positions."""
         end = start + k_new.shape[1]
-        if start != self.length:
-            raise ValueError(f"write at slot {start}, cache length is {self.length}")
-        if end > self.capacity:
-            raise ValueError(f"write to slot {end} beyond capacity {self.capacity}")
-        self._refresh(layer, start)
+        self.prepare_write(layer, start, k_new.shape[1])
         self.k_raw[layer, :, start:end] = k_new
         self.v[layer, :, start:end] = v_new
         self.k_rot[layer, :, start:end] = k_rot
         return self.k_rot[layer, :, :end], self.v[layer, :, :end]
+
+    def prepare_write(self, layer: int, start: int, count: int) -> None:
+        """Check a write of `count` tokens at `start`; bring the layer's rotated
+        keys up to date first. Whoever writes the storage directly calls this."""
+        if start != self.length:
+            raise ValueError(f"write at slot {start}, cache length is {self.length}")
+        if start + count > self.capacity:
+            raise ValueError(
+                f"write to slot {start + count} beyond capacity {self.capacity}"
+            )
+        self._refresh(layer, start)
 
     def slot_positions(self, start: int, end: int) -> slice | torch.Tensor:
         """Rotary positions of slots [start, end): the slots themselves.

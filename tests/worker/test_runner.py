@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from worker.engine import Engine
+from worker.kv_pool import KVPool
 from worker.runner import ModelRunner
 from worker.sink_cache import SinkCache
 
 
-def _caches(loaded, count: int, history: list[list[int]]) -> list[SinkCache]:
+def _caches(
+    loaded, count: int, history: list[list[int]], pool: KVPool | None = None
+) -> list[SinkCache]:
     runner = ModelRunner(loaded)
     shape = Engine(loaded).cache_shape
     caches = []
     for ids in history[:count]:
-        cache = SinkCache(shape, loaded.rotary, 2, 14, evict_size=4)
+        cache = SinkCache(shape, loaded.rotary, 2, 14, evict_size=4, pool=pool)
         for start in range(0, len(ids), 7):
             piece = ids[start : start + 7]
             runner.forward([(cache, piece, [1] * len(piece))])
@@ -45,11 +48,19 @@ def test_mixed_packed_step_matches_each_session_alone(tiny):
         torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_decode_only_steps_match_one_at_a_time_through_evictions(tiny):
+@pytest.mark.parametrize(
+    "block_rows", [None, 2, 8], ids=["own storage", "two blocks", "one block"]
+)
+def test_decode_only_steps_match_one_at_a_time_through_evictions(tiny, block_rows):
+    """Pooled caches in neighbouring rows attend as one masked batch, each
+    with its own length; outside a pool each attends on its own."""
     loaded, _ = tiny
     runner = ModelRunner(loaded)
     history = [list(range(3, 3 + n)) for n in (6, 13, 20)]
-    packed = _caches(loaded, 3, history)
+    pool = KVPool(Engine(loaded).cache_shape, block_rows) if block_rows else None
+    packed = _caches(loaded, 3, history, pool)
+    if pool is not None:
+        assert pool.num_blocks() == (2 if block_rows == 2 else 1)
     single = [copy.deepcopy(c, {id(c.rotary): c.rotary}) for c in packed]
     for step in range(12):  # every cache evicts at least once on the way
         tokens = [[30 + step + i] for i in range(3)]

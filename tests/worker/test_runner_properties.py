@@ -1,14 +1,17 @@
 """Property: a packed step serves each session exactly as a step of its own.
 
 `ModelRunner.forward` packs the new tokens of several sessions into one row;
-decode tokens (one per session) are rotated together and prefill chunks are
-attended one by one. Whatever the mix, each session's logits, evictions and
-cache contents must be those it gets when fed alone through an identical copy
-of its cache. Hypothesis draws the sessions (cache geometry, eviction policy,
-pinned system prompt, rotary positions taken from the slots or from the
-original text), their histories, and a sequence of packed steps with
-rollbacks (`truncate`) between them; the twins are stepped alone alongside
-and compared after every step.
+decode tokens (one per session) are rotated together, those whose caches are
+neighbouring rows of a shared pool block are written and attended in one
+batched call, and prefill chunks are attended one by one. Whatever the mix,
+each session's logits, evictions and cache contents must be those it gets
+when fed alone through an identical copy of its cache (a copy with storage
+of its own, outside any pool). Hypothesis draws the sessions (cache
+geometry, eviction policy, pinned system prompt, rotary positions taken from
+the slots or from the original text, pooled or not, the pool's block size),
+their histories, and a sequence of packed steps with rollbacks (`truncate`)
+between them; the twins are stepped alone alongside and compared after
+every step.
 
 Packed-versus-alone cannot see a fault shared by both (both run the same
 code), so one more property checks every step against the library's own
@@ -32,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from benchmarks.perplexity import NoRepositionCache, cache_shape
 from tests.conftest import build_tiny
+from worker.kv_pool import KVPool
 from worker.model import LoadedModel
 from worker.runner import ModelRunner
 from worker.sink_cache import SinkCache
@@ -75,6 +79,7 @@ class SessionSpec:
     whole_turns: bool
     pin: int  # system prompt length pinned with `pin_through`; 0 for none
     keep_text_positions: bool  # rotary positions from the text, not the slot
+    pooled: bool  # its storage is a row of the shared pool
     history: list[tuple[list[int], list[int]]]  # chunks fed before the steps
 
     @property
@@ -101,6 +106,7 @@ class Step:
 class Scenario:
     sessions: list[SessionSpec]
     steps: list[Step]
+    pool_rows: int  # rows per block of the pool the pooled caches share
 
 
 def _tokens(draw: st.DrawFn, count: int) -> list[int]:
@@ -134,6 +140,7 @@ def scenarios(draw: st.DrawFn, max_sessions: int = 6, max_steps: int = 5) -> Sce
             whole_turns=draw(st.booleans()),
             pin=pin,
             keep_text_positions=draw(st.booleans()),
+            pooled=draw(st.integers(0, 3)) > 0,
             history=[],
         )
         turn = [0]
@@ -170,14 +177,14 @@ def scenarios(draw: st.DrawFn, max_sessions: int = 6, max_steps: int = 5) -> Sce
             )
         )
         steps.append(Step(items, truncate, draw(st.booleans())))
-    return Scenario(sessions, steps)
+    return Scenario(sessions, steps, draw(st.integers(1, 4)))
 
 
 def _twin(cache: SinkCache) -> SinkCache:
     return copy.deepcopy(cache, {id(cache.rotary): cache.rotary})
 
 
-def _make_cache(loaded: LoadedModel, spec: SessionSpec) -> SinkCache:
+def _make_cache(loaded: LoadedModel, spec: SessionSpec, pool: KVPool) -> SinkCache:
     kind = NoRepositionCache if spec.keep_text_positions else SinkCache
     cache = kind(
         cache_shape(loaded),
@@ -186,6 +193,7 @@ def _make_cache(loaded: LoadedModel, spec: SessionSpec) -> SinkCache:
         spec.window,
         spec.evict,
         whole_turns=spec.whole_turns,
+        pool=pool if spec.pooled else None,
     )
     if spec.pin:
         cache.pin_through(spec.pin)
@@ -255,7 +263,10 @@ def check_scenario(
     token against that model's own attention over the same cache.
     """
     runner = ModelRunner(loaded)
-    caches = [_make_cache(loaded, spec) for spec in scenario.sessions]
+    pool = KVPool(cache_shape(loaded), scenario.pool_rows)
+    caches = [_make_cache(loaded, spec, pool) for spec in scenario.sessions]
+    if any(c.block is not None for c in caches):
+        event("pooled caches in the step")
     # Histories go in packed rounds: chunk r of every session in round r.
     rounds = max(len(spec.history) for spec in scenario.sessions)
     for r in range(rounds):
@@ -289,6 +300,11 @@ def check_scenario(
                 for i in step.items
             ]
         work = [(caches[i.session], i.token_ids, i.turn_ids) for i in step.items]
+        pooled_decodes = {
+            (id(c.block), c.row) for c, ids, _ in work if len(ids) == 1 and c.block
+        }
+        if any((block, row + 1) in pooled_decodes for block, row in pooled_decodes):
+            event("decode tokens attended as one run of pool rows")
         logits, evictions = runner.forward(work, all_logits=step.all_logits)
         assert logits.shape[0] == (sum(sizes) if step.all_logits else len(sizes))
         assert torch.isfinite(logits).all()
