@@ -4,13 +4,16 @@
 
 1. Decode time per token against tokens streamed (one session, 4 + 1,020),
    and against the StreamingLLM paper's baseline, a sliding window whose
-   keys and values are recomputed for every token, at caches of 256-2,048.
+   keys and values are recomputed for every token, at caches of 256-2,048
+   (run by `transformers` as it loads the model, like every baseline).
 2. Time to first token by turn on MT-Bench, against re-sending the whole
    history to `transformers` every turn.
 3. Aggregate decode throughput against concurrent sessions, against
    `transformers` batched `generate`, its continuous batching
    (`generate_batch`) and, when `llama-cpp-python[server]` is installed,
-   llama.cpp's server on the same GGUF file.
+   llama.cpp's server on the same GGUF file. The `transformers` baselines run
+   the model as that library loads it; `generate_batch` also runs on
+   sinkserve's packed weights, to tell the engine's share from the kernels'.
 4. Single-session decode speed against the machine's memory-bandwidth limit.
 5. Gateway overhead: per-token latency through the gateway (its own
    process) against straight to the worker, and the gateway's CPU time.
@@ -37,12 +40,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
 from benchmarks.common import free_port, machine
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
@@ -90,23 +99,38 @@ def _decode(runner: ModelRunner, cache: SinkCache, token: list[int]) -> Callable
     return lambda: runner.forward([(cache, token, [1])])
 
 
-def _recompute(loaded: LoadedModel, ids: list[int]) -> Callable[[], object]:
+@dataclass
+class Library:
+    """The model as `transformers` loads it, for the baselines: its own
+    weights in their usual layout and the library's attention."""
+
+    model: PreTrainedModel
+    tokenizer: object
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype) -> Library:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        return cls(model, AutoTokenizer.from_pretrained(path))
+
+
+def _recompute(library: Library, ids: list[int]) -> Callable[[], object]:
     """One token of the paper's baseline: the whole window, no cache."""
-    batch = torch.tensor([ids], device=loaded.model.device)
-    return lambda: loaded.model(batch, use_cache=False, logits_to_keep=1)
+    batch = torch.tensor([ids], device=library.model.device)
+    return lambda: library.model(batch, use_cache=False, logits_to_keep=1)
 
 
 class _LibraryAttention:
-    """Run the model with the library's own attention inside the block."""
+    """Run a model with the library's own attention inside the block."""
 
-    def __init__(self, loaded: LoadedModel):
-        self.model = loaded.model
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.before = model.config._attn_implementation
 
     def __enter__(self) -> None:
         self.model.set_attn_implementation("sdpa")
 
     def __exit__(self, *exc: object) -> None:
-        self.model.set_attn_implementation("sinkserve")
+        self.model.set_attn_implementation(self.before)
 
 
 # -- row 1 ---------------------------------------------------------------------
@@ -114,7 +138,11 @@ class _LibraryAttention:
 
 @torch.inference_mode()
 def row_decode_vs_streamed(
-    loaded: LoadedModel, marks: list[int], sizes: list[int], repeats: int
+    loaded: LoadedModel,
+    library: Library,
+    marks: list[int],
+    sizes: list[int],
+    repeats: int,
 ) -> dict:
     text = loaded.tokenizer.encode(austen_text("emma"), add_special_tokens=False)
     runner = ModelRunner(loaded)
@@ -149,8 +177,7 @@ def row_decode_vs_streamed(
         _stream(runner, full, text[: size + 64])
         token = [text[size + 64]]
         ours = timed(_decode(runner, full, token), repeats)
-        with _LibraryAttention(loaded):
-            recompute = timed(_recompute(loaded, text[:size]), max(3, repeats // 5))
+        recompute = timed(_recompute(library, text[:size]), max(3, repeats // 5))
         by_cache[size] = {
             "ours_s": ours,
             "recompute_s": recompute,
@@ -176,7 +203,9 @@ def row_decode_vs_streamed(
 
 
 @torch.inference_mode()
-def row_ttft_by_turn(loaded: LoadedModel, turns: int, reply_tokens: int) -> dict:
+def row_ttft_by_turn(
+    loaded: LoadedModel, library: Library, turns: int, reply_tokens: int
+) -> dict:
     """TTFT of turn k: ours (4 + 1,020, history kept in the cache) against
     prefilling the whole chat-templated history, as `generate` would."""
     questions = [t for q in mtbench_questions() for t in q.turns][:turns]
@@ -211,8 +240,7 @@ def row_ttft_by_turn(loaded: LoadedModel, turns: int, reply_tokens: int) -> dict
         ids = loaded.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        with _LibraryAttention(loaded):
-            resend = timed(_recompute(loaded, ids), 1 if len(ids) > 1000 else 3)
+        resend = timed(_recompute(library, ids), 1 if len(ids) > 1000 else 3)
         result["history_tokens"][k] = len(ids)
         result["ours_ttft_s"][k] = ours[k - 1]
         result["resend_ttft_s"][k] = resend
@@ -230,8 +258,8 @@ def row_ttft_by_turn(loaded: LoadedModel, turns: int, reply_tokens: int) -> dict
 # -- row 3 ---------------------------------------------------------------------
 
 
-def _story_prompt(loaded: LoadedModel) -> list[int]:
-    return loaded.tokenizer.apply_chat_template(
+def _story_prompt(tokenizer: object) -> list[int]:
+    return tokenizer.apply_chat_template(
         [{"role": "user", "content": STORY}],
         add_generation_prompt=True,
         tokenize=True,
@@ -270,14 +298,20 @@ def ours_throughput(loaded: LoadedModel, sessions: int, steps: int) -> float:
 
 
 @torch.inference_mode()
-def hf_throughput(loaded: LoadedModel, sessions: int, steps: int) -> dict:
-    """`generate` (static batch) and `generate_batch` (continuous batching):
-    decode tokens/s, from a run of `steps` tokens minus a run of 1 token."""
-    model = loaded.model
-    prompt = _story_prompt(loaded)
+def hf_throughput(
+    model: PreTrainedModel,
+    tokenizer: object,
+    sessions: int,
+    steps: int,
+    static: bool = True,
+) -> dict:
+    """`generate_batch` (continuous batching) and, with `static`, `generate`
+    (a static batch): decode tokens/s, from a run of `steps` tokens minus a
+    run of 1 token."""
+    prompt = _story_prompt(tokenizer)
     ids = torch.tensor([prompt] * sessions, device=model.device)
     out = {}
-    with _LibraryAttention(loaded):
+    with _LibraryAttention(model):
 
         def generate(n: int) -> None:
             model.generate(
@@ -288,7 +322,8 @@ def hf_throughput(loaded: LoadedModel, sessions: int, steps: int) -> dict:
                 pad_token_id=0,
             )
 
-        out["generate"] = _decode_rate(generate, sessions, steps)
+        if static:
+            out["generate"] = _decode_rate(generate, sessions, steps)
 
     def generate_batch_span(n: int) -> float:
         """Seconds from the first request's start to the last one's end, as
@@ -304,7 +339,7 @@ def hf_throughput(loaded: LoadedModel, sessions: int, steps: int) -> dict:
         return max(end for _, end in spans) - min(start for start, _ in spans)
 
     # generate_batch picks its own paged attention implementation.
-    with _LibraryAttention(loaded):
+    with _LibraryAttention(model):
         generate_batch_span(2)  # warm-up
         one = generate_batch_span(1)
         many = generate_batch_span(steps + 1)
@@ -418,26 +453,35 @@ class LlamaCppServer:
 
 
 def row_throughput(
-    loaded: LoadedModel, sizes: list[int], steps: int, threads: int
+    loaded: LoadedModel, library: Library, sizes: list[int], steps: int, threads: int
 ) -> dict:
+    """Ours against `transformers` as it loads the model, and, to tell the
+    engine from the weights, `generate_batch` on our own packed weights."""
     result: dict = {"steps": steps, "sessions": sizes}
-    ours, generate, cb = {}, {}, {}
+    ours, generate, cb, cb_packed = {}, {}, {}, {}
     for n in sizes:
         ours[n] = ours_throughput(loaded, n, steps)
-        hf = hf_throughput(loaded, n, steps)
+        hf = hf_throughput(library.model, library.tokenizer, n, steps)
         generate[n], cb[n] = hf["generate"], hf["generate_batch"]
+        cb_packed[n] = hf_throughput(
+            loaded.model, loaded.tokenizer, n, steps, static=False
+        )["generate_batch"]
         log.info(
-            "row 3: %d sessions: ours %.1f tok/s, generate %.1f, generate_batch %.1f",
+            "row 3: %d sessions: ours %.1f tok/s, generate %.1f, generate_batch "
+            "%.1f (on our packed weights %.1f)",
             n,
             ours[n],
             generate[n],
             cb[n],
+            cb_packed[n],
         )
     result["ours_tokens_per_s"] = ours
     result["generate_tokens_per_s"] = generate
     result["generate_batch_tokens_per_s"] = cb
+    result["generate_batch_packed_tokens_per_s"] = cb_packed
     result["ours_vs_single"] = {n: ours[n] / ours[sizes[0]] for n in sizes}
     result["ours_vs_generate_batch"] = {n: ours[n] / cb[n] for n in sizes}
+    result["ours_vs_generate_batch_packed"] = {n: ours[n] / cb_packed[n] for n in sizes}
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -702,6 +746,11 @@ def plot(result: dict, path: Path) -> None:
             ("ours_tokens_per_s", "sinkserve", "o-"),
             ("generate_tokens_per_s", "transformers generate (static batch)", "s--"),
             ("generate_batch_tokens_per_s", "transformers generate_batch", "^--"),
+            (
+                "generate_batch_packed_tokens_per_s",
+                "generate_batch on sinkserve's packed weights",
+                "v-.",
+            ),
             ("llama_cpp_tokens_per_s", "llama.cpp server (Q4_1)", "d:"),
         ]
         for key, label, style in series:
@@ -757,7 +806,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot_only:
         plot(previous, figure)
         return
-    loaded = load_model(resolve_model("smollm2"), getattr(torch, args.dtype))
+    path = resolve_model("smollm2")
+    loaded = load_model(path, getattr(torch, args.dtype))
+    library = Library.load(path, getattr(torch, args.dtype))
     result: dict = {
         **previous,
         "machine": machine(),
@@ -770,14 +821,14 @@ def main(argv: list[str] | None = None) -> None:
             marks += [32_000, 64_000]
         sizes = [256, 512] if quick else [256, 512, 1024, 2048]
         result["row1_decode"] = row_decode_vs_streamed(
-            loaded, marks, sizes, 5 if quick else 32
+            loaded, library, marks, sizes, 5 if quick else 32
         )
     if 2 in rows:
-        result["row2_ttft"] = row_ttft_by_turn(loaded, 5 if quick else 20, 128)
+        result["row2_ttft"] = row_ttft_by_turn(loaded, library, 5 if quick else 20, 128)
     if 3 in rows:
         sizes = [1, 4] if quick else [1, 2, 4, 8, 16, 32]
         result["row3_throughput"] = row_throughput(
-            loaded, sizes, 8 if quick else 32, args.threads
+            loaded, library, sizes, 8 if quick else 32, args.threads
         )
     if 4 in rows:
         steps = result["row1_decode"]["step_s_by_tokens_streamed"]
