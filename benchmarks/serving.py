@@ -12,8 +12,9 @@
    `transformers` batched `generate`, its continuous batching
    (`generate_batch`) and, when `llama-cpp-python[server]` is installed,
    llama.cpp's server on the same GGUF file. The `transformers` baselines run
-   the model as that library loads it; `generate_batch` also runs on
-   sinkserve's packed weights, to tell the engine's share from the kernels'.
+   the model as that library loads it; `generate_batch` also runs with each
+   of its linear layers on oneDNN-packed weights (the kernels sinkserve's
+   CPU decoder uses), to tell the engine's share from the kernels'.
 4. Single-session decode speed against the machine's memory-bandwidth limit.
 5. Gateway overhead: per-token latency through the gateway (its own
    process) against straight to the worker, and the gateway's CPU time.
@@ -61,8 +62,10 @@ from services.embedded import worker_node
 from worker.engine import Engine, EngineConfig
 from worker.model import (
     LoadedModel,
+    can_pack,
     find_smollm2_gguf,
     load_model,
+    pack_linears,
     resolve_model,
 )
 from worker.model import weight_bytes as model_weight_bytes
@@ -453,10 +456,15 @@ class LlamaCppServer:
 
 
 def row_throughput(
-    loaded: LoadedModel, library: Library, sizes: list[int], steps: int, threads: int
+    loaded: LoadedModel,
+    library: Library,
+    packed: Library,
+    sizes: list[int],
+    steps: int,
+    threads: int,
 ) -> dict:
     """Ours against `transformers` as it loads the model, and, to tell the
-    engine from the weights, `generate_batch` on our own packed weights."""
+    engine from the kernels, `generate_batch` on packed weights."""
     result: dict = {"steps": steps, "sessions": sizes}
     ours, generate, cb, cb_packed = {}, {}, {}, {}
     for n in sizes:
@@ -464,7 +472,7 @@ def row_throughput(
         hf = hf_throughput(library.model, library.tokenizer, n, steps)
         generate[n], cb[n] = hf["generate"], hf["generate_batch"]
         cb_packed[n] = hf_throughput(
-            loaded.model, loaded.tokenizer, n, steps, static=False
+            packed.model, packed.tokenizer, n, steps, static=False
         )["generate_batch"]
         log.info(
             "row 3: %d sessions: ours %.1f tok/s, generate %.1f, generate_batch "
@@ -508,7 +516,7 @@ def row_bandwidth_limit(loaded: LoadedModel, single_step_s: float) -> dict:
     seconds = timed(lambda: big.sum(), 7)
     bandwidth = big.numel() * 4 / seconds
     # Each weight once, packed or not; a tied embedding is read one row a token.
-    weight_bytes = model_weight_bytes(loaded.model)
+    weight_bytes = model_weight_bytes(loaded)
     limit = bandwidth / weight_bytes
     measured = 1 / single_step_s
     return {
@@ -827,9 +835,13 @@ def main(argv: list[str] | None = None) -> None:
         result["row2_ttft"] = row_ttft_by_turn(loaded, library, 5 if quick else 20, 128)
     if 3 in rows:
         sizes = [1, 4] if quick else [1, 2, 4, 8, 16, 32]
+        packed = Library.load(path, getattr(torch, args.dtype))
+        if can_pack(packed.model):
+            pack_linears(packed.model)
         result["row3_throughput"] = row_throughput(
-            loaded, library, sizes, 8 if quick else 32, args.threads
+            loaded, library, packed, sizes, 8 if quick else 32, args.threads
         )
+        del packed
     if 4 in rows:
         steps = result["row1_decode"]["step_s_by_tokens_streamed"]
         result["row4_bandwidth"] = row_bandwidth_limit(loaded, min(steps.values()))

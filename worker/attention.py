@@ -57,12 +57,18 @@ class DecodeRun:
 
     block: KVBlock
     rows: slice  # the block rows, in order
-    members: torch.Tensor  # [n] their indices in the decode batch
+    members: torch.Tensor | None  # [n] their indices in the decode batch;
+    # None when they are the whole batch, in order
     row_ids: torch.Tensor  # [n] block row of each
     slots: torch.Tensor  # [n] the slot each new token takes
     num_keys: int  # the longest of their caches after this token
     segments: list[Segment]
-    mask: torch.Tensor  # [n, 1, 1, num_keys] which slots each may see
+    mask: torch.Tensor | None  # [n, 1, 1, num_keys] which slots each may
+    # see; None when every member sees them all
+
+    def pick(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' columns of x [heads, B, D]: [heads, n, D]."""
+        return x if self.members is None else x.index_select(1, self.members)
 
 
 @dataclass
@@ -71,7 +77,8 @@ class DecodeBatch:
 
     segments: list[Segment]
     rows: torch.Tensor  # [B] their indices in the packed row
-    positions: torch.Tensor  # [B] the rotary position of each new token
+    cos: torch.Tensor  # [B, D] rotary tables at each new token's position
+    sin_signed: torch.Tensor  # [B, D]
     whole_row: bool  # every token of the step is a decode token, in order
     runs: list[DecodeRun]  # the pooled segments, attended run by run
     alone: list[int]  # indices of segments attended one by one
@@ -97,10 +104,12 @@ class PackedStep:
             where = segment.cache.slot_positions(segment.start, segment.start + 1)
             positions.append(where.start if isinstance(where, slice) else int(where[0]))
         runs, alone = _runs(singles, device)
+        cos, sin_signed = self.rotary.tables(torch.tensor(positions, device=device))
         self.decode = DecodeBatch(
             singles,
             torch.tensor([s.offset for s in singles], device=device),
-            torch.tensor(positions, device=device),
+            cos,
+            sin_signed,
             whole_row=not self.prefill,
             runs=runs,
             alone=alone,
@@ -141,19 +150,23 @@ def _run(
     device: torch.device,
 ) -> DecodeRun:
     slots = [singles[index].start for _, index in group]
+    indices = [index for _, index in group]
     num_keys = max(slots) + 1
-    key_slots = torch.arange(num_keys, device=device)
     slot_tensor = torch.tensor(slots, device=device)
-    mask = key_slots[None, :] <= slot_tensor[:, None]  # [n, S]
+    mask = None
+    if min(slots) != max(slots):
+        key_slots = torch.arange(num_keys, device=device)
+        mask = (key_slots[None, :] <= slot_tensor[:, None])[:, None, None, :]
+    whole = indices == list(range(len(singles)))
     return DecodeRun(
         block,
         slice(group[0][0], group[-1][0] + 1),
-        torch.tensor([index for _, index in group], device=device),
+        None if whole else torch.tensor(indices, device=device),
         torch.tensor([row for row, _ in group], device=device),
         slot_tensor,
         num_keys,
-        [singles[index] for _, index in group],
-        mask[:, None, None, :],
+        [singles[index] for index in indices],
+        mask,
     )
 
 
@@ -173,7 +186,12 @@ def sink_attention(
         raise RuntimeError("sinkserve attention called without a packed step")
     layer = module.layer_idx
     rotary = packed_step.rotary
-    output = query.new_empty(query.shape[1:])  # [H, T, D]
+    batch = packed_step.decode
+    if batch is not None and batch.whole_row:
+        return _decode_attention(layer, batch, rotary, query, key, value, scaling)[
+            None
+        ], None
+    output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
     for segment in packed_step.prefill:
         rows = slice(segment.offset, segment.offset + segment.num_tokens)
         keys, values = segment.cache.write(
@@ -183,18 +201,18 @@ def sink_attention(
         positions = segment.cache.slot_positions(segment.start, end)
         q = rotary.rotate(query[0, :, rows], positions)  # [H, t, D]
         mask = _causal_mask(segment, keys.shape[1], query.device)
-        output[:, rows] = F.scaled_dot_product_attention(
+        output[rows] = F.scaled_dot_product_attention(
             q[None],
             keys[None],
             values[None],
             attn_mask=mask,
             scale=scaling,
             enable_gqa=True,
-        )[0]
-    batch = packed_step.decode
+        )[0].transpose(0, 1)
     if batch is not None:
-        _decode_attention(layer, batch, rotary, query, key, value, scaling, output)
-    return output.transpose(0, 1)[None].contiguous(), None
+        attended = _decode_attention(layer, batch, rotary, query, key, value, scaling)
+        output.index_copy_(0, batch.rows, attended)
+    return output[None], None  # [1, T, H, D]
 
 
 def _decode_attention(
@@ -205,55 +223,67 @@ def _decode_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float | None,
-    output: torch.Tensor,
-) -> None:
+) -> torch.Tensor:
     """One new token per session: rotate all at once; write and attend per
-    run of pooled rows, and one by one for caches outside a pool."""
+    run of pooled rows, and one by one for caches outside a pool. Returns
+    [B, H, D], token-major."""
     if batch.whole_row:
         q, k, v = query[0], key[0], value[0]  # [H or KVH, B, D]
     else:
         q = query[0].index_select(1, batch.rows)
         k = key[0].index_select(1, batch.rows)
         v = value[0].index_select(1, batch.rows)
-    q_rot = rotary.rotate(q, batch.positions)
-    k_rot = rotary.rotate(k, batch.positions)
-    attended = torch.empty_like(q)  # [H, B, D]
+    q_rot = rotary.rotate_with(q, batch.cos, batch.sin_signed)
+    k_rot = rotary.rotate_with(k, batch.cos, batch.sin_signed)
+    if len(batch.runs) == 1 and batch.runs[0].members is None:
+        return _attend_run(layer, batch.runs[0], q_rot, k, k_rot, v, scaling)
+    attended = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [B, H, D]
     for i in batch.alone:
         segment = batch.segments[i]
         keys, values = segment.cache.write_rotated(
             layer, segment.start, k[:, i : i + 1], k_rot[:, i : i + 1], v[:, i : i + 1]
         )
-        attended[:, i : i + 1] = F.scaled_dot_product_attention(
+        attended[i] = F.scaled_dot_product_attention(
             q_rot[None, :, i : i + 1],
             keys[None],
             values[None],
             scale=scaling,
             enable_gqa=True,
-        )[0]
+        )[0, :, 0]
     for run in batch.runs:
-        for segment in run.segments:
-            segment.cache.prepare_write(layer, segment.start, 1)
-        block, members = run.block, run.members
-        # [KVH, n, D] -> [n, KVH, D] at (row, slot) of each member
-        for store, new in ((block.k_raw, k), (block.k_rot, k_rot), (block.v, v)):
-            store[layer][run.row_ids, :, run.slots] = new.index_select(
-                1, members
-            ).transpose(0, 1)
-        keys = block.k_rot[layer, run.rows, :, : run.num_keys]  # [n, KVH, S, D]
-        values = block.v[layer, run.rows, :, : run.num_keys]
-        out = F.scaled_dot_product_attention(
-            q_rot.index_select(1, members).transpose(0, 1)[:, :, None],  # [n,H,1,D]
-            keys,
-            values,
-            attn_mask=run.mask,
-            scale=scaling,
-            enable_gqa=True,
-        )  # [n, H, 1, D]
-        attended.index_copy_(1, members, out[:, :, 0].transpose(0, 1))
-    if batch.whole_row:
-        output.copy_(attended)
-    else:
-        output.index_copy_(1, batch.rows, attended)
+        out = _attend_run(layer, run, q_rot, k, k_rot, v, scaling)
+        attended.index_copy_(0, run.members, out)
+    return attended
+
+
+def _attend_run(
+    layer: int,
+    run: DecodeRun,
+    q_rot: torch.Tensor,
+    k: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Write a run's new keys and values into its block rows, then attend
+    them all in one call: [n, H, D]."""
+    for segment in run.segments:
+        segment.cache.prepare_write(layer, segment.start, 1)
+    block = run.block
+    # [KVH, n, D] -> [n, KVH, D] at (row, slot) of each member
+    for store, new in ((block.k_raw, k), (block.k_rot, k_rot), (block.v, v)):
+        store[layer][run.row_ids, :, run.slots] = run.pick(new).transpose(0, 1)
+    keys = block.k_rot[layer, run.rows, :, : run.num_keys]  # [n, KVH, S, D]
+    values = block.v[layer, run.rows, :, : run.num_keys]
+    out = F.scaled_dot_product_attention(
+        run.pick(q_rot).transpose(0, 1)[:, :, None],  # [n, H, 1, D]
+        keys,
+        values,
+        attn_mask=run.mask,
+        scale=scaling,
+        enable_gqa=True,
+    )  # [n, H, 1, D]
+    return out[:, :, 0]
 
 
 def _causal_mask(

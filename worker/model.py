@@ -26,6 +26,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from worker import attention
+from worker.decoder import Decoder, FusedLinear, supports
+from worker.decoder import can_pack as can_pack_weight
 from worker.rotary import RotaryTables, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,9 @@ class LoadedModel:
     rotary: RotaryTables
     name: str
     fingerprint: str
+    # The worker's own forward pass; None where the model's layers are not
+    # Llama-shaped, and the library's forward runs instead.
+    decoder: Decoder | None = None
 
     @property
     def config(self) -> object:
@@ -172,8 +177,6 @@ def prepare_model(
     check_supported(model)
     model.to(device).eval()
     model.set_attn_implementation(attention.ATTENTION_NAME)
-    if can_pack(model):
-        pack_linears(model)
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
@@ -181,56 +184,24 @@ def prepare_model(
     # its inverse frequencies, and positions deserve full precision.
     rotary_fp32 = type(model.model.rotary_emb)(config=config).to(device)
     rotary = RotaryTables(rotary_fp32, head_dim, max_positions)
-    return LoadedModel(model, tokenizer, rotary, name, fingerprint(config))
-
-
-class PackedLinear(nn.Module):
-    """A bias-optional linear layer whose weight oneDNN has re-laid out.
-
-    The plain CPU kernels run a matrix product of a few rows (a decode step
-    of one to a few dozen sessions) far below the machine's memory
-    bandwidth. oneDNN's linear on a weight packed once into its own blocked
-    layout runs the same product about 1.5x faster with one row and about
-    2x faster with 16. The packed weight lives outside the module's
-    parameters: it is not saved, moved or cast with the model.
-    """
-
-    def __init__(self, linear: nn.Linear, batch_hint: int):
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        weight = linear.weight.detach().contiguous()
-        self.dtype = weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.dtype:
-            raise TypeError(f"input is {x.dtype}, the packed weight is {self.dtype}")
-        return torch.ops.mkldnn._linear_pointwise(
-            x, self.packed, self.bias, "none", [], ""
-        )
-
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size()
-
-
-PACK_BATCH_HINT = 64  # the row count oneDNN lays the weights out for
+    decoder = None
+    if supports(model):
+        decoder = Decoder(model, head_dim, rotary.attention_scaling)
+    elif can_pack(model):
+        pack_linears(model)
+    return LoadedModel(model, tokenizer, rotary, name, fingerprint(config), decoder)
 
 
 def can_pack(model: PreTrainedModel) -> bool:
     """Whether this build of torch can pack the model's CPU weights."""
-    param = next(model.parameters())
-    return (
-        param.device.type == "cpu"
-        and param.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return can_pack_weight(next(model.parameters()))
 
 
 def pack_linears(model: PreTrainedModel) -> int:
-    """Swap every `nn.Linear` for a `PackedLinear`; return how many.
+    """Swap every `nn.Linear` for one on oneDNN-packed weights; return how many.
+
+    The library's forward then runs the kernels the worker's decoder uses,
+    layer by layer (for models the decoder does not run, and baselines).
 
     Call it last: the model must not be moved or cast afterwards. A tied
     output head gets its own packed copy; the embedding keeps the original.
@@ -241,18 +212,21 @@ def pack_linears(model: PreTrainedModel) -> int:
             if isinstance(child, nn.Linear):
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child, PACK_BATCH_HINT))
+        setattr(parent, name, FusedLinear([child], pack=True))
     return len(swaps)
 
 
-def weight_bytes(model: PreTrainedModel) -> int:
+def weight_bytes(loaded: LoadedModel) -> int:
     """Bytes of weights one decode step reads: every tensor once, packed or not."""
+    if loaded.decoder is not None:
+        return loaded.decoder.nbytes()
+    model = loaded.model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, FusedLinear):
             total += module.nbytes()
     embed = model.get_input_embeddings().weight
-    if isinstance(model.get_output_embeddings(), PackedLinear):
+    if isinstance(model.get_output_embeddings(), FusedLinear):
         # The tied embedding is read one row per token, not whole.
         total -= embed.numel() * embed.element_size()
     return total

@@ -38,18 +38,34 @@ class RotaryTables:
         # With position zero the model already scaled q and k by its
         # attention factor (cos(0) * factor), so the tables leave it out.
         scaling = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
+        self.attention_scaling = scaling
         self.cos = cos[0].float() / scaling  # [P, D]
-        self.sin = sin[0].float() / scaling  # [P, D]
+        sin = sin[0].float() / scaling
+        half = head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half
+        # negated): one roll instead of two slices, a negation and a cat.
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.half = half
         self.max_positions = max_positions
+
+    def tables(
+        self, positions: torch.Tensor | slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of the positions given: [S, D] each."""
+        return self.cos[positions], self.sin_signed[positions]
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | slice) -> torch.Tensor:
         """Rotate x [..., S, D] to the positions given (S of them)."""
-        cos = self.cos[positions]  # [S, D]
-        sin = self.sin[positions]
+        return self.rotate_with(x, *self.tables(positions))
+
+    def rotate_with(
+        self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotate x [..., S, D] with tables [S, D] from `tables`; in fp32,
+        rounded once to x's dtype."""
         x32 = x.float()
-        half = x32.shape[-1] // 2
-        rotated_half = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-        return (x32 * cos + rotated_half * sin).to(x.dtype)
+        rotated = x32 * cos + x32.roll(self.half, -1) * sin_signed
+        return rotated.to(x.dtype)
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -24,10 +24,12 @@ class ForwardFailed(RuntimeError):
 class ModelRunner:
     """Runs packed steps: prefill chunks and decode tokens side by side."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, library_forward: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
+        # The library's forward instead of the worker's own, for comparison.
+        self.decoder = None if library_forward else loaded.decoder
 
     @torch.inference_mode()
     def forward(
@@ -69,21 +71,33 @@ class ModelRunner:
             offset += len(token_ids)
 
         flat = [t for _, token_ids, _ in work for t in token_ids]
-        input_ids = torch.tensor([flat], device=self.device)  # [1, T]
-        position_ids = torch.zeros_like(input_ids)  # rotation happens in attention
-        last = torch.tensor([s.offset + s.num_tokens - 1 for s in segments])
-        step = PackedStep(segments, self.loaded.rotary)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=0 if all_logits else last.to(self.device),
-            packed_step=step,
+        input_ids = torch.tensor(flat, device=self.device)  # [T]
+        last = torch.tensor(
+            [s.offset + s.num_tokens - 1 for s in segments], device=self.device
         )
+        step = PackedStep(segments, self.loaded.rotary)
+        logits = self._run_model(input_ids, step, None if all_logits else last)
 
         for i, (cache, token_ids, turn_ids) in enumerate(work):
             cache.append(token_ids, turn_ids)
             trimmed = cache.trim()
             if trimmed:
                 evictions[i].append(trimmed)
-        return out.logits[0].float(), evictions  # [N, V]
+        return logits.float(), evictions  # [N, V]
+
+    def _run_model(
+        self, input_ids: torch.Tensor, step: PackedStep, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """input_ids [T] -> logits [N, V] of the rows in `keep` (all if None)."""
+        if self.decoder is not None:
+            return self.decoder(input_ids, step, keep)
+        # The library's forward with every position at zero: its rotary
+        # embedding is the identity, and attention rotates in the cache.
+        out = self.model(
+            input_ids=input_ids[None],
+            position_ids=torch.zeros_like(input_ids)[None],
+            use_cache=False,
+            logits_to_keep=0 if keep is None else keep,
+            packed_step=step,
+        )
+        return out.logits[0]

@@ -195,7 +195,9 @@ def test_cancel_during_prefill_leaves_no_trace(tiny):
     assert_same(before, snapshot(session))
 
 
-def test_a_failed_forward_reports_its_evictions_and_rolls_the_turn_back(tiny):
+def test_a_failed_forward_reports_its_evictions_and_rolls_the_turn_back(
+    tiny, monkeypatch
+):
     loaded, _ = tiny
     config = EngineConfig(sink_size=4, window_size=40, evict_size=8)
     engine = Engine(loaded, config)
@@ -205,14 +207,12 @@ def test_a_failed_forward_reports_its_evictions_and_rolls_the_turn_back(tiny):
     pinned = session.cache.num_pinned
     assert session.cache.length > 30, "the next turn must make the cache evict"
 
-    model = engine.runner.model
-
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    engine.runner.model = broken
-    events = run_turn(engine, session, "a question long enough to need room")
-    engine.runner.model = model
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "_run_model", broken)
+        events = run_turn(engine, session, "a question long enough to need room")
 
     evicted = [e.eviction.num_evicted for e in events if hasattr(e, "eviction")]
     assert evicted and sum(evicted) > 0, "the eviction made before the failure"
