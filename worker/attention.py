@@ -243,13 +243,9 @@ def _decode_attention(
         keys, values = segment.cache.write_rotated(
             layer, segment.start, k[:, i : i + 1], k_rot[:, i : i + 1], v[:, i : i + 1]
         )
-        attended[i] = F.scaled_dot_product_attention(
-            q_rot[None, :, i : i + 1],
-            keys[None],
-            values[None],
-            scale=scaling,
-            enable_gqa=True,
-        )[0, :, 0]
+        attended[i] = _attend_one_query(
+            q_rot[:, i][None], keys[None], values[None], None, scaling
+        )[0]
     for run in batch.runs:
         out = _attend_run(layer, run, q_rot, k, k_rot, v, scaling)
         attended.index_copy_(0, run.members, out)
@@ -275,15 +271,42 @@ def _attend_run(
         store[layer][run.row_ids, :, run.slots] = run.pick(new).transpose(0, 1)
     keys = block.k_rot[layer, run.rows, :, : run.num_keys]  # [n, KVH, S, D]
     values = block.v[layer, run.rows, :, : run.num_keys]
-    out = F.scaled_dot_product_attention(
-        run.pick(q_rot).transpose(0, 1)[:, :, None],  # [n, H, 1, D]
-        keys,
-        values,
-        attn_mask=run.mask,
-        scale=scaling,
-        enable_gqa=True,
-    )  # [n, H, 1, D]
-    return out[:, :, 0]
+    q = run.pick(q_rot).transpose(0, 1)  # [n, H, D]
+    return _attend_one_query(q, keys, values, run.mask, scaling)
+
+
+def _attend_one_query(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query per row: q [n, H, D] against keys and values [n, KVH, S, D]
+    (mask [n, 1, 1, S] or None) -> [n, H, D].
+
+    On the CPU in bf16 or fp16 the fused attention kernel runs a single
+    query 4-9x slower than two batched matrix products do (measured at
+    1-32 rows of 300-1,024 keys), so there it is two products around a
+    softmax taken in fp32; elsewhere, the fused kernel.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(
+            q[:, :, None], keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
+        )[:, :, 0]
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    scale = head_dim**-0.5 if scaling is None else scaling
+    # Scaled before the product, so that fp16 scores cannot overflow.
+    grouped = (q * scale).view(
+        num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim
+    )
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()  # [n, KVH, G, S]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.matmul(weights, values)  # [n, KVH, G, D]
+    return out.view(num_rows, num_heads, head_dim)
 
 
 def _causal_mask(

@@ -53,7 +53,11 @@ class FusedLinear(nn.Module):
 
     def __init__(self, linears: list[nn.Linear], pack: bool | None = None):
         super().__init__()
-        weight = torch.cat([lin.weight.detach() for lin in linears]).contiguous()
+        weights = [lin.weight.detach() for lin in linears]
+        # One layer's weight is used as it is: a tied output head stays tied
+        # where nothing is packed.
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        weight = weight.contiguous()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.splits = [lin.out_features for lin in linears]
@@ -87,7 +91,8 @@ class FusedLinear(nn.Module):
         )
 
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+        tensors = [self.weight] if self.bias is None else [self.weight, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class FusedPart(nn.Module):
@@ -187,7 +192,7 @@ class DecoderLayer:
             scaling=self.scaling,
             packed_step=step,
         )  # [1, T, H, D]
-        hidden = hidden + self.o_proj(attended.view(num_tokens, q_size))
+        hidden = hidden + self.o_proj(attended.reshape(num_tokens, q_size))
 
         gate, up = self.gate_up(self.post_norm(hidden)).split(self.intermediate, -1)
         return hidden + self.down(self.act(gate) * up)
