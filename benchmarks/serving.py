@@ -747,6 +747,7 @@ def plot(result: dict, path: Path) -> None:
         )
         _label(c, "MT-Bench turn", "time to first token (ms)", "Row 2: TTFT by turn")
         c.set_xscale("linear")
+        c.set_xticks(turns)
     row3 = result.get("row3_throughput")
     if row3:
         sizes = [int(s) for s in row3["sessions"]]
@@ -756,7 +757,7 @@ def plot(result: dict, path: Path) -> None:
             ("generate_batch_tokens_per_s", "transformers generate_batch", "^--"),
             (
                 "generate_batch_packed_tokens_per_s",
-                "generate_batch on sinkserve's packed weights",
+                "generate_batch, oneDNN-packed linears",
                 "v-.",
             ),
             ("llama_cpp_tokens_per_s", "llama.cpp server (Q4_1)", "d:"),
