@@ -78,13 +78,21 @@ RESULTS = Path(__file__).parent / "results"
 STORY = "Tell me a long story about a lighthouse keeper and the sea."
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timing covers it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` runs (after one warm-up)."""
     fn()
     samples = []
     for _ in range(repeats):
+        _sync()
         started = time.perf_counter()
         fn()
+        _sync()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
 
@@ -111,8 +119,9 @@ class Library:
     tokenizer: object
 
     @classmethod
-    def load(cls, path: Path, dtype: torch.dtype) -> Library:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    def load(cls, path: Path, dtype: torch.dtype, device: str = "cpu") -> Library:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = model.to(device).eval()
         return cls(model, AutoTokenizer.from_pretrained(path))
 
 
@@ -512,7 +521,10 @@ def row_throughput(
 
 def row_bandwidth_limit(loaded: LoadedModel, single_step_s: float) -> dict:
     """Tokens/s measured against (read bandwidth / weight bytes per token)."""
-    big = torch.ones(512 * 2**20 // 4)  # 512 MiB of fp32, far beyond the caches
+    device = next(loaded.model.parameters()).device
+    # Far beyond the CPU's caches (512 MiB), or a GPU's (4 GiB).
+    size = (4 if device.type == "cuda" else 0.5) * 2**30
+    big = torch.ones(int(size) // 4, device=device)
     seconds = timed(lambda: big.sum(), 7)
     bandwidth = big.numel() * 4 / seconds
     # Each weight once, packed or not; a tied embedding is read one row a token.
@@ -796,6 +808,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, smoke run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--plot-only", action="store_true", help="redraw the figure from the JSON"
@@ -807,7 +820,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rows = {int(r) for r in args.rows.split(",")}
     quick = args.quick
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    if device != "cpu":
+        suffix = f"-{device}{suffix}"
     name = "serving_quick" if quick else f"serving{suffix}"
     out = args.out or RESULTS / f"{name}.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
@@ -816,13 +834,14 @@ def main(argv: list[str] | None = None) -> None:
         plot(previous, figure)
         return
     path = resolve_model("smollm2")
-    loaded = load_model(path, getattr(torch, args.dtype))
-    library = Library.load(path, getattr(torch, args.dtype))
+    loaded = load_model(path, getattr(torch, args.dtype), device)
+    library = Library.load(path, getattr(torch, args.dtype), device)
     result: dict = {
         **previous,
         "machine": machine(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)",
         "dtype": args.dtype,
+        "device": device,
     }
     if rows & {1, 4}:
         marks = [1_000, 4_000] if quick else [1_000, 2_000, 4_000, 8_000, 16_000]
@@ -836,7 +855,7 @@ def main(argv: list[str] | None = None) -> None:
         result["row2_ttft"] = row_ttft_by_turn(loaded, library, 5 if quick else 20, 128)
     if 3 in rows:
         sizes = [1, 4] if quick else [1, 2, 4, 8, 16, 32]
-        packed = Library.load(path, getattr(torch, args.dtype))
+        packed = Library.load(path, getattr(torch, args.dtype), device)
         if can_pack(packed.model):
             pack_linears(packed.model)
         result["row3_throughput"] = row_throughput(

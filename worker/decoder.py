@@ -33,13 +33,26 @@ PACK_BATCH_HINT = 64  # the row count oneDNN lays packed weights out for
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether this build of torch can pack a CPU weight for oneDNN."""
-    return (
+    """Whether this build of torch, on this CPU, can pack a weight for oneDNN.
+
+    bf16 packing needs bf16 support in the CPU's instruction set (AVX-512
+    BW/VL/DQ or AVX-NE-CONVERT); an AVX2-only CPU packs fp32 only.
+    """
+    if not (
         weight.device.type == "cpu"
         and weight.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    ):
+        return False
+    return weight.dtype == torch.float32 or _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class FusedLinear(nn.Module):

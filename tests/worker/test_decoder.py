@@ -16,6 +16,26 @@ from worker.runner import ModelRunner
 from worker.sink_cache import SinkCache
 
 
+def step_both(
+    ours: ModelRunner,
+    library: ModelRunner,
+    caches: list[SinkCache],
+    twins: list[SinkCache],
+    steps: list[list[list[int]]],
+    tolerance: float,
+) -> None:
+    """Run each step's tokens through both runners on their own caches; the
+    logits must agree."""
+    for tokens in steps:
+        mine, _ = ours.forward(
+            [(c, t, [1] * len(t)) for c, t in zip(caches, tokens, strict=True)]
+        )
+        theirs, _ = library.forward(
+            [(c, t, [1] * len(t)) for c, t in zip(twins, tokens, strict=True)]
+        )
+        torch.testing.assert_close(mine, theirs, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize(
     ("model_type", "overrides"),
     CASES,
@@ -42,14 +62,7 @@ def test_decoder_matches_the_library_forward(tokenizer, model_type, overrides):
         [[80], [81, 82, 83], [84]],
         *[[[90 + i], [100 + i], [110 + i]] for i in range(8)],
     ]
-    for tokens in steps:
-        mine, _ = ours.forward(
-            [(c, t, [1] * len(t)) for c, t in zip(caches, tokens, strict=True)]
-        )
-        theirs, _ = library.forward(
-            [(c, t, [1] * len(t)) for c, t in zip(twins, tokens, strict=True)]
-        )
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    step_both(ours, library, caches, twins, steps, tolerance=1e-4)
     for a, b in zip(caches, twins, strict=True):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.rotated_keys(), b.rotated_keys())

@@ -32,8 +32,10 @@ def reference_replies(
     for i, question in enumerate(questions):
         context += chat.user_tokens(question, first=i == 0, reply_closed=closed)
         output = reference.generate(
-            torch.tensor([context]),
-            attention_mask=torch.ones(1, len(context), dtype=torch.long),
+            torch.tensor([context], device=reference.device),
+            attention_mask=torch.ones(
+                1, len(context), dtype=torch.long, device=reference.device
+            ),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=chat.end_of_turn_ids,
