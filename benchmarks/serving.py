@@ -785,8 +785,9 @@ def plot(result: dict, path: Path) -> None:
         if not ax.has_data():
             ax.axis("off")
     m = result["machine"]
+    vector = {True: " (AVX-512)", False: " (AVX2)"}.get(m.get("avx512"), "")
     fig.suptitle(
-        f"SmolLM2-135M-Instruct, {result['dtype']}, {m['cpu']}, "
+        f"SmolLM2-135M-Instruct, {result['dtype']}, {m['cpu']}{vector}, "
         f"{m['torch_threads']} threads"
     )
     fig.tight_layout()
@@ -829,7 +830,12 @@ def main(argv: list[str] | None = None) -> None:
     name = "serving_quick" if quick else f"serving{suffix}"
     out = args.out or RESULTS / f"{name}.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
-    figure = Path(f"/tmp/{name}.png") if quick else Path(f"docs/{name}.png")
+    # The figure is named after the results it draws: in docs/ for results
+    # kept in benchmarks/results/, beside them for results written elsewhere.
+    if out.resolve().parent == RESULTS.resolve() and not quick:
+        figure = Path("docs") / f"{out.stem}.png"
+    else:
+        figure = out.with_suffix(".png")
     if args.plot_only:
         plot(previous, figure)
         return

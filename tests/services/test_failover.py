@@ -326,3 +326,47 @@ async def test_a_turn_whose_reply_had_not_begun_is_answered_by_the_next_worker(
         assert messages[0].moved.num_turns == 2
         assert tokens(messages) == expected[2]
         assert tokens(await ask(conversation, QUESTIONS[3])) == expected[3]
+
+
+async def test_gateways_share_sessions_through_redis(tiny, tokenizer, url):
+    """Gateways hold no session state: a session opened through one gateway
+    resumes through another on the same worker and replies as if it never
+    changed gateway; resuming through the second while the first stream is
+    still attached ends the first stream; after its worker dies, the second
+    gateway moves it."""
+    expected = reference_replies(tiny, tokenizer, 4)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        directory = RedisDirectory(url, namespace=cluster.namespace)
+        cluster.exits.push_async_callback(directory.close)
+        async with (
+            gateway_node(directory) as (address, _),
+            grpc.aio.insecure_channel(address) as second_gateway,
+        ):
+            first = Conversation(cluster.channel)
+            opened = await first.open(sampling=SAMPLING)
+            assert tokens(await ask(first, QUESTIONS[0])) == expected[0]
+
+            second = Conversation(second_gateway)
+            resumed = await second.resume(opened.session_id)
+            assert resumed.worker_id == opened.worker_id
+            assert resumed.num_turns == 1
+            with pytest.raises(RequestRefused) as caught:
+                async for _ in first.events():
+                    pass
+            assert caught.value.code == grpc.StatusCode.ABORTED
+            assert tokens(await ask(second, QUESTIONS[1])) == expected[1]
+
+            await cluster.flushed()
+            await cluster.nodes[opened.worker_id].kill()
+            messages = await ask(second, QUESTIONS[2])
+            assert messages[0].WhichOneof("kind") == "moved"
+            assert not messages[0].moved.turn_lost
+            assert tokens(messages) == expected[2]
+            await second.detach()
+
+            # Back through the first gateway, to the worker the second chose.
+            again = Conversation(cluster.channel)
+            back = await again.resume(opened.session_id)
+            assert back.worker_id == messages[0].moved.worker_id
+            assert tokens(await ask(again, QUESTIONS[3])) == expected[3]
+            await again.close()
