@@ -44,6 +44,7 @@ from worker.session import (
     SamplingParams,
     Session,
     SessionState,
+    TurnProgress,
 )
 from worker.sink_cache import CacheShape, SinkCache
 
@@ -61,6 +62,19 @@ _SAMPLING_TYPES = {
     "max_new_tokens": int,
     "seed": (int, type(None)),
 }
+
+
+@dataclass(frozen=True)
+class LastReply:
+    """What a late interruption needs of the newest finished reply: its
+    tokens, the text of each, how many the client acknowledged, and whether
+    its last token still waits to be fed."""
+
+    turn: int
+    reply_ids: list[int]
+    delta_texts: list[str]
+    num_pending_reply: int
+    num_acked: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class SessionImage:
     generator_state: bytes
     k_raw: torch.Tensor  # [L, KVH, length, D]
     v: torch.Tensor  # [L, KVH, length, D]
+    last_reply: LastReply | None = None
 
 
 def capture_session(session: Session) -> SessionImage:
@@ -99,6 +114,16 @@ def capture_session(session: Session) -> SessionImage:
             "only an idle session (between turns) can be snapshotted"
         )
     cache = session.cache
+    last = session.last_turn
+    last_reply = None
+    if last is not None:
+        last_reply = LastReply(
+            turn=last.turn,
+            reply_ids=list(last.reply_ids),
+            delta_texts=list(last.delta_texts),
+            num_pending_reply=last.num_pending_reply,
+            num_acked=last.num_acked,
+        )
     return SessionImage(
         session_id=session.session_id,
         config=session.config,
@@ -114,6 +139,7 @@ def capture_session(session: Session) -> SessionImage:
         generator_state=bytes(session.generator.get_state().numpy().tobytes()),
         k_raw=cache.raw_keys().to("cpu", copy=True).contiguous(),
         v=cache.v[:, :, : cache.length].to("cpu", copy=True).contiguous(),
+        last_reply=last_reply,
     )
 
 
@@ -147,6 +173,9 @@ def encode_image(image: SessionImage, fingerprint: str) -> bytes:
         "num_system_tokens": image.num_system_tokens,
         "sampling": dataclasses.asdict(image.sampling),
         "generator_state": base64.b64encode(image.generator_state).decode(),
+        "last_reply": None
+        if image.last_reply is None
+        else dataclasses.asdict(image.last_reply),
         "tensor_bytes": sum(len(p) for p in parts),
         "tensor_sha256": digest.hexdigest(),
     }
@@ -255,6 +284,10 @@ def parse_snapshot(
     except (binascii.Error, TypeError, ValueError, RuntimeError) as e:
         raise SnapshotError(f"generator state is invalid: {e}") from None
 
+    pending_pairs = list(zip(pending_ids, pending_turns, strict=True))
+    last_reply = _last_reply(
+        h.get("last_reply"), num_turns, top_id, token_ids, pin_target, pending_pairs
+    )
     k_raw, v = _read_tensors(view[body:], h, [*want[:2], length, want[2]], dtype)
     return SessionImage(
         session_id=session_id,
@@ -263,7 +296,7 @@ def parse_snapshot(
         pin_target=pin_target,
         token_ids=token_ids,
         turn_ids=turn_ids,
-        pending=list(zip(pending_ids, pending_turns, strict=True)),
+        pending=pending_pairs,
         reply_closed=h["reply_closed"],
         num_turns=num_turns,
         num_system_tokens=_int(h, "num_system_tokens", 0, cache_size),
@@ -271,7 +304,53 @@ def parse_snapshot(
         generator_state=state,
         k_raw=k_raw,
         v=v,
+        last_reply=last_reply,
     )
+
+
+def _last_reply(
+    fields: object,
+    num_turns: int,
+    top_id: int | None,
+    token_ids: list[int],
+    pin_target: int,
+    pending: list[tuple[int, int]],
+) -> LastReply | None:
+    """Check the newest reply against the cache it must end: its fed tokens
+    are the cache's tail (as far as they were not evicted), and a token
+    still to be fed is the session's pending one."""
+    if fields is None:  # a session with no finished turn, or an older writer
+        return None
+    keys = {f.name for f in dataclasses.fields(LastReply)}
+    _require(
+        isinstance(fields, dict) and set(fields) == keys,
+        f"last_reply must have exactly the keys {sorted(keys)}",
+    )
+    turn = _int(fields, "turn", 1, num_turns)
+    _require(turn == num_turns, "last_reply is not the newest turn")
+    reply_ids = _ints(fields["reply_ids"], "last_reply token ids", top_id)
+    texts = fields["delta_texts"]
+    _require(
+        isinstance(texts, list)
+        and len(texts) == len(reply_ids)
+        and all(isinstance(t, str) for t in texts),
+        "last_reply texts must be one string per reply token",
+    )
+    num_pending = _int(fields, "num_pending_reply", 0, min(1, len(reply_ids)))
+    num_acked = _int(fields, "num_acked", 0)
+    fed = len(reply_ids) - num_pending
+    length = len(token_ids)
+    in_cache = min(fed, length - min(pin_target, length))
+    _require(
+        token_ids[length - in_cache :] == reply_ids[fed - in_cache : fed],
+        "last_reply does not match the end of the cache",
+    )
+    if num_pending:
+        _require(
+            pending == [(reply_ids[-1], turn)],
+            "last_reply's unfed token is not the pending one",
+        )
+    return LastReply(turn, reply_ids, texts, num_pending, num_acked)
 
 
 def restore_session(
@@ -303,10 +382,30 @@ def restore_session(
     session.num_system_tokens = image.num_system_tokens
     session.reply_closed = image.reply_closed
     session.num_turns = image.num_turns
+    if image.last_reply is not None:
+        session.last_turn = _finished_turn(image.last_reply, cache.length)
     state = torch.frombuffer(bytearray(image.generator_state), dtype=torch.uint8)
     session.generator.set_state(state)
     log.debug("session %s restored: %d cached tokens", image.session_id, cache.length)
     return session
+
+
+def _finished_turn(reply: LastReply, cache_length: int) -> TurnProgress:
+    """A finished turn as a late interruption reads it. Where the turn began
+    is not kept; only a running turn's rollback reads that."""
+    return TurnProgress(
+        turn=reply.turn,
+        max_new_tokens=len(reply.reply_ids),
+        submitted_s=0.0,
+        num_reused=0,
+        base_length=cache_length,
+        saved_pending=[],
+        to_prefill=[],
+        reply_ids=list(reply.reply_ids),
+        delta_texts=list(reply.delta_texts),
+        num_pending_reply=reply.num_pending_reply,
+        num_acked=reply.num_acked,
+    )
 
 
 def _read_tensors(

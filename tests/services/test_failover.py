@@ -370,3 +370,36 @@ async def test_gateways_share_sessions_through_redis(tiny, tokenizer, url):
             assert back.worker_id == messages[0].moved.worker_id
             assert tokens(await ask(again, QUESTIONS[3])) == expected[3]
             await again.close()
+
+
+async def test_a_late_interruption_after_a_move_cuts_the_reply(tiny, tokenizer, url):
+    """The listener barges in on a reply that finished generating while it
+    still plays, after the session's worker died: the next worker cuts the
+    reply to what was heard, and the conversation goes on from the cut as
+    it would have on a worker that never died."""
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversation = Conversation(cluster.channel)
+        opened = await conversation.open(sampling=SAMPLING)
+        first = tokens(await ask(conversation, QUESTIONS[0]))
+        assert len(first) > 3
+        await cluster.flushed()
+        await cluster.nodes[opened.worker_id].kill()
+        await conversation.interrupt(heard_tokens=3)
+        kinds = []
+        async for message in conversation.events():
+            kinds.append(message.WhichOneof("kind"))
+            if message.WhichOneof("kind") == "interrupted":
+                cut = message.interrupted
+                break
+        assert kinds == ["moved", "interrupted"]
+        assert (cut.turn, cut.num_kept, cut.num_rolled_back) == (1, 3, len(first) - 3)
+        after_move = tokens(await ask(conversation, QUESTIONS[1]))
+        await conversation.close()
+
+    # The same cut on a worker that stays up.
+    engine = twin_engine(tiny, tokenizer)
+    session = engine.open_session(None, SamplingParams(max_new_tokens=8))
+    run_turn(engine, session, QUESTIONS[0])
+    engine.interrupt(session.session_id, heard_tokens=3)
+    events = run_turn(engine, session, QUESTIONS[1])
+    assert after_move == [e.token_id for e in events if isinstance(e, TokenEvent)]

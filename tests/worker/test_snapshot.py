@@ -15,6 +15,7 @@ import torch
 from tests.worker.test_engine import run_turn
 from worker.detokenizer import StreamDecoder
 from worker.engine import Engine, EngineConfig
+from worker.errors import SessionBusy
 from worker.model import prepare_model
 from worker.session import SamplingParams, Session, TokenEvent, TurnEndEvent
 from worker.snapshot import (
@@ -116,6 +117,53 @@ def test_round_trip_is_exact_and_continues_the_same(tiny, dtype, sampling):
     assert_same_session(session, restored)
 
 
+def test_a_restored_session_cuts_its_last_reply_like_the_original(tiny):
+    """A late interruption after a move: the snapshot carries the newest
+    reply, so the restored session cuts it to the heard point exactly as
+    the session that never moved, and both go on alike."""
+    loaded, _ = tiny
+    engine, session = converse(loaded, torch.float32, SamplingParams(max_new_tokens=6))
+    engine.acknowledge(session.session_id, 2)
+    blob = encode_snapshot(session, loaded.fingerprint)
+    other = Engine(loaded, CONFIG)
+    restored = decode_snapshot(
+        blob,
+        loaded.fingerprint,
+        other.cache_shape,
+        loaded.rotary,
+        len(loaded.tokenizer),
+    )
+    adopt(other, restored)
+    assert restored.last_turn.reply_ids == session.last_turn.reply_ids
+    assert restored.last_turn.delta_texts == session.last_turn.delta_texts
+    cuts = []
+    for eng, sess in ((engine, session), (other, restored)):
+        events = []
+        sess.sink = events.append
+        eng.interrupt(sess.session_id, heard_tokens=3)
+        eng.interrupt(sess.session_id)  # back to the acknowledged 2 tokens
+        cuts.append([e.cut for e in events])
+    assert cuts[0] == cuts[1] and cuts[0][-1].num_kept == 2
+    assert_same_session(session, restored)
+    assert reply(other, restored, "Go on") == reply(engine, session, "Go on")
+
+
+def test_a_snapshot_without_the_last_reply_still_restores(snapshot):
+    """Snapshots written before the reply was kept restore without it: the
+    reply just cannot be cut any more."""
+    blob, loaded, engine = snapshot
+    session = decode_snapshot(
+        rewrite(blob, last_reply=None),
+        loaded.fingerprint,
+        engine.cache_shape,
+        loaded.rotary,
+    )
+    assert session.last_turn is None
+    adopt(engine, session)
+    with pytest.raises(SessionBusy, match="no reply to interrupt"):
+        engine.interrupt(session.session_id, heard_tokens=1)
+
+
 def test_session_with_no_tokens_yet(tiny):
     loaded, _ = tiny
     engine = Engine(loaded, CONFIG)
@@ -183,6 +231,8 @@ def corruptions(blob: bytes, shape) -> list[tuple[str, bytes, object, str]]:
     in_header = bytearray(blob)
     in_header[_PREFIX.size + 20] ^= 0x01
     other = dataclasses.replace
+    last = header["last_reply"]
+    wrong_ids = [i + 1 for i in last["reply_ids"]]
     return [
         ("truncated", blob[:-1], shape, "truncated snapshot"),
         ("truncated header", blob[: _PREFIX.size + 5], shape, "header cut"),
@@ -202,7 +252,7 @@ def corruptions(blob: bytes, shape) -> list[tuple[str, bytes, object, str]]:
         ("turns", rewrite(blob, turn_ids=[0] * (n + 1)), shape, "inconsistent"),
         (
             "length",
-            rewrite(blob, length=n - 1, token_ids=ids, turn_ids=turns),
+            rewrite(blob, length=n - 1, token_ids=ids, turn_ids=turns, last_reply=None),
             shape,
             "tensor bytes",
         ),
@@ -220,6 +270,20 @@ def corruptions(blob: bytes, shape) -> list[tuple[str, bytes, object, str]]:
         ("generator", rewrite(blob, generator_state="AAAA"), shape, "generator"),
         ("session id", rewrite(blob, session_id=""), shape, "session_id"),
         ("tensor sum", rewrite(blob, tensor_sha256="0" * 64), shape, "checksum"),
+        ("reply keys", rewrite(blob, last_reply={"turn": 1}), shape, "last_reply"),
+        ("reply turn", rewrite(blob, last_reply={**last, "turn": 2}), shape, "turn"),
+        (
+            "reply texts",
+            rewrite(blob, last_reply={**last, "delta_texts": []}),
+            shape,
+            "one string per reply token",
+        ),
+        (
+            "reply tokens",
+            rewrite(blob, last_reply={**last, "reply_ids": wrong_ids}),
+            shape,
+            "does not match the end of the cache",
+        ),
     ]
 
 
