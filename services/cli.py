@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from protos.sinkserve.v1 import sinkserve_pb2 as pb
@@ -108,7 +109,9 @@ def _add_server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     group.add_argument(
         "--redis-url",
         default=os.environ.get("SINKSERVE_REDIS_URL"),
-        help="session directory in Redis (default: in memory)",
+        help="Redis for the session directory and snapshots (default: none; a "
+        "gateway then keeps its directory in memory, a worker has no directory "
+        "and no snapshots)",
     )
 
 
@@ -219,7 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(convert)
     convert.set_defaults(run=run_convert)
+    _defaults_from_environment(parser)
     return parser
+
+
+def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
+    """Every flag `--some-name` takes its default from `SINKSERVE_SOME_NAME`
+    when that is set; the command line still wins. Lists are comma-separated,
+    switches are on for 1, true or yes."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _defaults_from_environment(command)
+            continue
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = os.environ.get(f"SINKSERVE_{action.dest.upper()}")
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in ("1", "true", "yes")
+        elif isinstance(action, argparse._AppendAction):
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            action.default = [action.type(i) if action.type else i for i in items]
+        else:
+            action.default = value  # argparse converts a string default by its type
+        if action.choices is not None and action.default not in action.choices:
+            raise SystemExit(
+                f"sinkserve: SINKSERVE_{action.dest.upper()}={value!r} is not one "
+                f"of {sorted(action.choices)}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RequestRefused, FileNotFoundError, ValueError, OSError) as error:
         # Errors a person can act on: one line, not a traceback.
         print(f"sinkserve: {error}", file=sys.stderr)
+        return 1
+    except grpc.aio.AioRpcError as error:  # e.g. nothing listens at --target
+        print(f"sinkserve: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
 
 

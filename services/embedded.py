@@ -109,8 +109,9 @@ async def worker_node(
     engine.start()
     if persistence is not None:
         persistence.start()
+    # Without an id of its own, a worker is known by the address it publishes.
     server, port, servicer = await start_worker_server(
-        engine, bind, worker_id, engine.loaded.name, persistence
+        engine, bind, worker_id or advertise, engine.loaded.name, persistence
     )
     address = advertise or f"127.0.0.1:{port}"
     node = WorkerNode(address, engine, servicer, server, persistence)

@@ -197,7 +197,14 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             ) from error
 
     async def place(self, exclude: set[str] = frozenset()) -> WorkerInfo:
-        """The live worker with the most free slots."""
+        """The live worker with the most free slots.
+
+        A worker too busy to answer its load probe in time is still alive:
+        it is chosen when no other has room (it refuses the session itself
+        if it is full). Workers that cannot be reached make the answer
+        UNAVAILABLE, not RESOURCE_EXHAUSTED: only workers that said they are
+        full make the cluster full.
+        """
         workers = await self._directory(self.directory.live_workers())
         workers = [w for w in workers if w.worker_id not in exclude]
         if not workers:
@@ -206,20 +213,35 @@ class GatewayServicer(pb_grpc.SessionsServicer):
             *(self._load(w) for w in workers), return_exceptions=True
         )
         best: tuple[int, WorkerInfo] | None = None
+        slow: list[WorkerInfo] = []
+        unreachable = 0
         for worker, load in zip(workers, loads, strict=True):
             if isinstance(load, BaseException):
                 log.warning(
                     "worker %s did not report its load: %s", worker.worker_id, load
                 )
+                code = load.code() if isinstance(load, grpc.aio.AioRpcError) else None
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    slow.append(worker)
+                else:
+                    unreachable += 1
                 continue
             if load.free_slots > 0 and (best is None or load.free_slots > best[0]):
                 best = (load.free_slots, worker)
-        if best is None:
+        if best is not None:
+            return best[1]
+        if slow:
+            return slow[0]
+        if unreachable:
             raise _Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "every live worker is full or draining",
+                grpc.StatusCode.UNAVAILABLE,
+                f"{unreachable} of {len(workers)} live workers could not be "
+                "reached and the others are full or draining",
             )
-        return best[1]
+        raise _Refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "every live worker is full or draining",
+        )
 
     async def _load(self, worker: WorkerInfo) -> pb.WorkerLoad:
         stub = pb_grpc.WorkerControlStub(self.channel(worker.address))

@@ -67,7 +67,8 @@ class WorkerMetrics:
         )
         self.tokens_rolled_back = Counter(
             f"{prefix}_tokens_rolled_back_total",
-            "Reply tokens discarded by interruptions.",
+            "Tokens taken back out of caches: reply tokens cut by interruptions, "
+            "and streamed user text revised.",
             registry=r,
         )
         self.interruption_latency = Histogram(

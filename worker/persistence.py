@@ -35,6 +35,9 @@ class PersistenceConfig:
             raise ValueError("offload_after_s must be positive (or None: never)")
 
 
+CLOSED_REMEMBERED = 4096  # closed sessions whose late snapshots are dropped
+
+
 class SessionPersistence:
     """Keeps each session's newest snapshot in the store."""
 
@@ -51,6 +54,9 @@ class SessionPersistence:
         self._versions: dict[str, int] = {}  # newest captured, per session
         self._written: dict[str, int] = {}  # newest stored, per session
         self._locks: dict[str, asyncio.Lock] = {}
+        # Sessions closed lately, oldest first: a snapshot still on its way
+        # for one of them is dropped, never stored after the delete.
+        self._closed: dict[str, None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._offloader: asyncio.Task | None = None
         self.fingerprint = engine.loaded.fingerprint
@@ -91,7 +97,11 @@ class SessionPersistence:
         async with lock:
             if self._written.get(session_id, 0) >= version:
                 return True  # a newer snapshot is already stored
+            if session_id in self._closed:
+                return False
             blob = await asyncio.to_thread(encode_image, image, self.fingerprint)
+            if session_id in self._closed:
+                return False
             started = time.perf_counter()
             try:
                 await self.store.put(session_id, blob)
@@ -141,16 +151,22 @@ class SessionPersistence:
         return session
 
     async def forget(self, session_id: str) -> None:
-        """The session was closed: its snapshot goes too."""
+        """The session was closed: its snapshot goes too, after any write of
+        it already under way; none is written after."""
+        self._closed[session_id] = None
+        while len(self._closed) > CLOSED_REMEMBERED:
+            del self._closed[next(iter(self._closed))]
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            try:
+                await self.store.delete(session_id)
+            except StoreUnavailable as error:
+                log.warning(
+                    "snapshot of closed session %s not deleted: %s", session_id, error
+                )
         self._versions.pop(session_id, None)
         self._written.pop(session_id, None)
         self._locks.pop(session_id, None)
-        try:
-            await self.store.delete(session_id)
-        except StoreUnavailable as error:
-            log.warning(
-                "snapshot of closed session %s not deleted: %s", session_id, error
-            )
 
     async def offload_idle(self) -> list[str]:
         """Snapshot and free every session idle past the threshold."""

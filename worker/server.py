@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -186,6 +187,11 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                     )
                 if item is _CLIENT_DONE:
                     client_done = True
+                    turn = session.turn
+                    if session.busy and turn is not None and turn.draft:
+                        if not turn.final_received:
+                            # Its final text can no longer come: drop the turn.
+                            self.engine.cancel_turn(session.session_id)
                 elif isinstance(item, pb.ServerMessage):
                     yield item
                 else:
@@ -330,11 +336,15 @@ async def start_worker_server(
 ) -> tuple[grpc.aio.Server, int, WorkerServicer]:
     """Start a worker's gRPC server on `bind` ("host:port", port 0 picks one).
 
-    The worker id defaults to the address it listens on.
+    The worker id defaults to the address it listens on, with this
+    machine's host name for a wildcard host (0.0.0.0 or ::), so that two
+    machines never share an id.
     """
     server = grpc.aio.server()
     port = server.add_insecure_port(bind)
     host = bind.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = socket.gethostname()
     servicer = WorkerServicer(
         engine, worker_id or f"{host}:{port}", model_name, persistence
     )

@@ -174,7 +174,7 @@ class Stepping:
             if turn.to_prefill or turn.draft_update is not None:
                 return
             self._prefill_queue.remove(session.session_id)
-            if turn.draft:
+            if turn.draft and not turn.cancelled:
                 session.state = SessionState.LISTENING
                 return
         else:

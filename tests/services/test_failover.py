@@ -403,3 +403,29 @@ async def test_a_late_interruption_after_a_move_cuts_the_reply(tiny, tokenizer, 
     engine.interrupt(session.session_id, heard_tokens=3)
     events = run_turn(engine, session, QUESTIONS[1])
     assert after_move == [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+async def test_closing_a_session_deletes_its_snapshot_even_mid_write(
+    tiny, tokenizer, url, monkeypatch
+):
+    """The close arrives while the snapshot of the turn just answered is
+    still being written (slowed here): the snapshot must not land after
+    the delete."""
+    put = RedisSnapshotStore.put
+
+    async def slow_put(self, session_id, blob):
+        await asyncio.sleep(0.3)
+        return await put(self, session_id, blob)
+
+    monkeypatch.setattr(RedisSnapshotStore, "put", slow_put)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversation = Conversation(cluster.channel)
+        opened = await conversation.open(sampling=SAMPLING)
+        await ask(conversation, QUESTIONS[0])
+        await conversation.close()
+        node = cluster.nodes[opened.worker_id]
+        await cluster.flushed()
+        while node.servicer._background:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # past any write that was still on its way
+        assert await node.persistence.store.get(opened.session_id) is None

@@ -84,3 +84,26 @@ async def test_generating_gauge_returns_to_zero(stack):
         [m async for m in conversation.ask("Hi")]
         await asyncio.sleep(0.1)
     assert stack.engine.metrics.generating_sessions._value.get() == 0
+
+
+async def test_ending_the_stream_mid_streamed_turn_drops_that_turn(stack):
+    """A client that stops writing while its streamed turn still waits for
+    the final text can never send it: the stream ends, the unfinished turn
+    is rolled back, and the session goes on from before it."""
+    async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+        first = Conversation(channel)
+        opened = await first.open(sampling=pb.SamplingParams(max_new_tokens=3))
+        [m async for m in first.ask("Hello")]
+        session = stack.engine.sessions[opened.session_id]
+        before = list(session.cache.token_ids)
+        partial = pb.PartialUserTurn(text="I was going to say", final=False)
+        await first.send(pb.ClientMessage(partial_user_turn=partial))
+        await asyncio.wait_for(first.detach(), timeout=10)
+
+        second = Conversation(channel)
+        resumed = await second.resume(opened.session_id)
+        assert resumed.num_turns == 1
+        assert session.cache.token_ids == before
+        messages = [m async for m in second.ask("Still here?")]
+        assert messages[-1].turn_end.turn == 2
+        await second.close()

@@ -113,6 +113,28 @@ def test_cancel_while_listening_leaves_no_trace(engine):
     assert history(session) == before and session.num_turns == 1
 
 
+def test_cancel_while_a_partial_is_prefilled_leaves_no_trace(engine):
+    """Cancelled while the forward pass that prefills it runs (the client
+    went away), the streamed turn must not settle into waiting for text
+    that will never come."""
+    session = engine.open_session(None, SamplingParams(max_new_tokens=3))
+    run_turn(engine, session, "Hi")
+    before = history(session)
+    engine.partial_turn(
+        session.session_id, "Something long enough to prefill", final=False
+    )
+    forward = engine.runner.forward
+
+    def cancelled_during(work):
+        engine.cancel_turn(session.session_id)
+        return forward(work)
+
+    engine.runner.forward = cancelled_during
+    settle(engine, session)
+    assert session.state is SessionState.IDLE
+    assert history(session) == before and session.num_turns == 1
+
+
 def test_no_streaming_while_a_reply_is_generated(engine):
     session = engine.open_session(None, SamplingParams(max_new_tokens=30))
     engine.submit_turn(session.session_id, "Hi")

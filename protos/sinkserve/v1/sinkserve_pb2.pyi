@@ -165,7 +165,7 @@ class SamplingParams(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Softmax temperature in [0, 5]; 0 means greedy decoding."""
+    """Softmax temperature: 0 (greedy decoding) or in [0.01, 5]."""
     top_p: _builtins.float
     """Nucleus sampling mass in (0, 1]; 0 means 1 (off)."""
     top_k: _builtins.int
@@ -517,7 +517,9 @@ class SessionOpened(_message.Message):
     cache_length: _builtins.int
     """Tokens cached now."""
     num_turns: _builtins.int
-    """Turns completed so far."""
+    """Turns so far, counting one still in progress (being streamed,
+    prefilled or answered) when a stream resumes the session mid-turn.
+    """
     resumed: _builtins.bool
     """True when this stream resumed an existing session."""
     def __init__(
