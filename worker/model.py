@@ -76,16 +76,29 @@ def find_smollm2_gguf() -> Path:
     return path
 
 
+_KEY_BYTES = 4 * 2**20  # of the GGUF's head and tail, hashed for the cache key
+
+
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     """Dequantize a GGUF file once; return the folder of the converted copy."""
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    # Keyed by the file's content (its size, head and tail), not its path:
+    # the same wheel installed in another checkout reuses the conversion.
+    digest = hashlib.sha256(f"{gguf_path.name}:{gguf_path.stat().st_size}".encode())
+    with gguf_path.open("rb") as f:
+        digest.update(f.read(_KEY_BYTES))
+        f.seek(max(0, gguf_path.stat().st_size - _KEY_BYTES))
+        digest.update(f.read(_KEY_BYTES))
+    digest = digest.hexdigest()[:12]
     target = cache_dir / "models" / f"{gguf_path.stem}-{digest}"
     if (target / "model.safetensors").is_file():
         return target
 
-    log.info("converting %s into %s (once; later starts reuse it)", gguf_path, target)
+    # A warning, so that it shows at quiet log levels: the pause is long.
+    log.warning(
+        "converting %s into %s (once, about half a minute; later starts reuse it)",
+        gguf_path.name,
+        target,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
