@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
     """Every flag `--some-name` takes its default from `SINKSERVE_SOME_NAME`
-    when that is set; the command line still wins. Lists are comma-separated,
-    switches are on for 1, true or yes."""
+    when that is set and not empty; the command line still wins. Switches are
+    on for 1, true or yes. Repeatable flags (lists) are left to the command
+    line, where a value replaces nothing."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
@@ -237,14 +238,13 @@ def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
             continue
         if not action.option_strings or action.dest == "help":
             continue
+        if isinstance(action, argparse._AppendAction):
+            continue
         value = os.environ.get(f"SINKSERVE_{action.dest.upper()}")
-        if value is None:
+        if not value:
             continue
         if isinstance(action, argparse._StoreTrueAction):
             action.default = value.strip().lower() in ("1", "true", "yes")
-        elif isinstance(action, argparse._AppendAction):
-            items = [item.strip() for item in value.split(",") if item.strip()]
-            action.default = [action.type(i) if action.type else i for i in items]
         else:
             action.default = value  # argparse converts a string default by its type
         if action.choices is not None and action.default not in action.choices:

@@ -221,7 +221,12 @@ class GatewayServicer(pb_grpc.SessionsServicer):
                     "worker %s did not report its load: %s", worker.worker_id, load
                 )
                 code = load.code() if isinstance(load, grpc.aio.AioRpcError) else None
-                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Slow only if connected: a host that drops packets times out
+                # too, while its connection is still being attempted.
+                connected = self.channel(worker.address).get_state() is (
+                    grpc.ChannelConnectivity.READY
+                )
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED and connected:
                     slow.append(worker)
                 else:
                     unreachable += 1

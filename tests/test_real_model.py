@@ -61,3 +61,35 @@ async def test_replay_with_evictions_still_knows_paris(real_model):
     assert all(r.end.stats.cache_length <= 256 for r in records)
     assert "Paris" in records[-1].reply
     assert "evicted" in out.getvalue()
+
+
+def test_a_real_reply_survives_a_snapshot_and_can_still_be_cut(real_model):
+    """SmolLM2 ends its replies with its end-of-turn marker: the session's
+    snapshot restores, the restored reply cuts like the original, and both
+    sessions go on alike."""
+    from tests.worker.test_engine import run_turn
+    from worker.session import EndReason, SamplingParams, TokenEvent
+    from worker.snapshot import decode_snapshot, encode_snapshot
+
+    def replies(engine, session, text):
+        events = run_turn(engine, session, text)
+        return [e.token_id for e in events if isinstance(e, TokenEvent)], events[-1]
+
+    engine = Engine(real_model, EngineConfig())
+    session = engine.open_session(None, SamplingParams(max_new_tokens=48))
+    _, end = replies(engine, session, QUESTIONS[0])
+    assert end.reason is EndReason.STOP
+    blob = encode_snapshot(session, real_model.fingerprint)
+    other = Engine(real_model, EngineConfig())
+    vocab = real_model.model.get_input_embeddings().num_embeddings
+    restored = decode_snapshot(
+        blob, real_model.fingerprint, other.cache_shape, real_model.rotary, vocab
+    )
+    other.adopt_session(restored)
+    for eng, sess in ((engine, session), (other, restored)):
+        eng.interrupt(sess.session_id, heard_tokens=2)
+    (mine, my_end), (theirs, their_end) = (
+        replies(other, restored, QUESTIONS[1]),
+        replies(engine, session, QUESTIONS[1]),
+    )
+    assert mine == theirs and my_end.text == their_end.text

@@ -188,10 +188,17 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 if item is _CLIENT_DONE:
                     client_done = True
                     turn = session.turn
-                    if session.busy and turn is not None and turn.draft:
-                        if not turn.final_received:
-                            # Its final text can no longer come: drop the turn.
-                            self.engine.cancel_turn(session.session_id)
+                    if (
+                        session.sink is sink
+                        and session.busy
+                        and turn is not None
+                        and turn.draft
+                        and not turn.final_received
+                    ):
+                        # Its final text can no longer come: drop the turn,
+                        # and let its TurnEnd reach the outbox before leaving.
+                        self.engine.cancel_turn(session.session_id)
+                        await asyncio.sleep(0)
                 elif isinstance(item, pb.ServerMessage):
                     yield item
                 else:

@@ -330,11 +330,13 @@ def _last_reply(
     _require(turn == num_turns, "last_reply is not the newest turn")
     reply_ids = _ints(fields["reply_ids"], "last_reply token ids", top_id)
     texts = fields["delta_texts"]
+    # A reply that ended with the end-of-turn marker has no text for it.
     _require(
         isinstance(texts, list)
-        and len(texts) == len(reply_ids)
+        and len(reply_ids) - 1 <= len(texts) <= len(reply_ids)
         and all(isinstance(t, str) for t in texts),
-        "last_reply texts must be one string per reply token",
+        "last_reply texts must be one string per reply token (but the "
+        "end-of-turn marker)",
     )
     num_pending = _int(fields, "num_pending_reply", 0, min(1, len(reply_ids)))
     num_acked = _int(fields, "num_acked", 0)

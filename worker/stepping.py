@@ -229,7 +229,9 @@ class Stepping:
             self._roll_back_turn(session, reason)
             return
         last = session.next_token
-        session.pending = [(last, turn.turn)]
+        # The last token waits to be fed, unless the step just fed it (a
+        # cancel that arrived during a decode step).
+        session.pending = [(last, turn.turn)] if turn.num_pending_reply else []
         session.reply_closed = last in self.end_ids
         session.state = SessionState.IDLE
         session.next_token = None
@@ -250,17 +252,20 @@ class Stepping:
         session.state = SessionState.IDLE
         if session.session_id in self._prefill_queue:
             self._prefill_queue.remove(session.session_id)
-        self._finish(session, reason, "")
-        session.last_turn = turn.previous
+        self._finish(session, reason, "", rolled_back=True)
 
-    def _finish(self, session: Session, reason: EndReason, text: str) -> None:
+    def _finish(
+        self, session: Session, reason: EndReason, text: str, rolled_back: bool = False
+    ) -> None:
         turn = session.turn
         self.metrics.turns.labels(reason=reason.value).inc()
         session.emit(
             TurnEndEvent(turn.turn, reason, turn.stats(session.cache.length), text)
         )
         session.turn = None
-        session.last_turn = turn
+        # Before the session settles (and is snapshotted): a turn rolled back
+        # left no trace, so the newest reply is the one before it.
+        session.last_turn = turn.previous if rolled_back else turn
         if session.queued_turn is not None:
             text, max_new_tokens = session.queued_turn
             session.queued_turn = None

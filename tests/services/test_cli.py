@@ -16,7 +16,8 @@ def test_every_flag_reads_the_environment_and_the_command_line_wins(monkeypatch)
     monkeypatch.setenv("SINKSERVE_EVICT_SIZE", "16")
     monkeypatch.setenv("SINKSERVE_DRAIN_GRACE_S", "3.5")
     monkeypatch.setenv("SINKSERVE_EVICTION", "turns")
-    monkeypatch.setenv("SINKSERVE_WORKER", "127.0.0.1:1, 127.0.0.1:2")
+    monkeypatch.setenv("SINKSERVE_WORKER", "127.0.0.1:1")  # a list: not read
+    monkeypatch.setenv("SINKSERVE_CACHE_DIR", "")  # empty: not set
     monkeypatch.setenv("SINKSERVE_LOG_JSON", "true")
     worker = build_parser().parse_args(["worker"])
     assert (worker.evict_size, worker.drain_grace_s, worker.eviction) == (
@@ -25,8 +26,9 @@ def test_every_flag_reads_the_environment_and_the_command_line_wins(monkeypatch)
         "turns",
     )
     assert worker.log_json is True
-    gateway = build_parser().parse_args(["gateway"])
-    assert gateway.worker == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert worker.cache_dir is None
+    gateway = build_parser().parse_args(["gateway", "--worker", "127.0.0.1:3"])
+    assert gateway.worker == ["127.0.0.1:3"]
     assert build_parser().parse_args(["worker", "--evict-size", "8"]).evict_size == 8
 
 

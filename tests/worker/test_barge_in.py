@@ -8,7 +8,13 @@ import torch
 from tests.worker.test_engine import run_turn
 from worker.engine import Engine, EngineConfig
 from worker.errors import SessionBusy
-from worker.session import EndReason, InterruptedEvent, SamplingParams, TokenEvent
+from worker.session import (
+    EndReason,
+    InterruptedEvent,
+    SamplingParams,
+    SessionState,
+    TokenEvent,
+)
 
 
 def history(session) -> list[int]:
@@ -188,6 +194,26 @@ def test_reply_longer_than_the_window_reports_what_was_lost(tiny):
     assert cut.num_lost > 0
     kept_in_cache = cut.num_kept - cut.num_lost
     assert session.cache.token_ids[-kept_in_cache:] == sent[cut.num_lost : cut.num_kept]
+
+
+def test_a_cancel_during_a_decode_step_feeds_no_token_twice(engine):
+    """The token fed by the step that was running when the cancel came is
+    cached already; it must not wait to be fed again."""
+    session = open_with_turn(engine)
+    events = generate_some(engine, session, "Second", steps=6)
+    assert session.state is SessionState.GENERATING and tokens(events)
+    forward = engine.runner.forward
+
+    def cancelled_during(work):
+        engine.cancel_turn(session.session_id)
+        return forward(work)
+
+    engine.runner.forward = cancelled_during
+    engine.step()
+    engine.runner.forward = forward
+    reply = session.last_turn.reply_ids
+    assert not session.busy and session.pending == []
+    assert session.cache.token_ids[-len(reply) :] == reply
 
 
 def test_nothing_to_interrupt(engine):

@@ -17,7 +17,13 @@ from worker.detokenizer import StreamDecoder
 from worker.engine import Engine, EngineConfig
 from worker.errors import SessionBusy
 from worker.model import prepare_model
-from worker.session import SamplingParams, Session, TokenEvent, TurnEndEvent
+from worker.session import (
+    EndReason,
+    SamplingParams,
+    Session,
+    TokenEvent,
+    TurnEndEvent,
+)
 from worker.snapshot import (
     _PREFIX,
     _SAMPLING_TYPES,
@@ -146,6 +152,54 @@ def test_a_restored_session_cuts_its_last_reply_like_the_original(tiny):
     assert cuts[0] == cuts[1] and cuts[0][-1].num_kept == 2
     assert_same_session(session, restored)
     assert reply(other, restored, "Go on") == reply(engine, session, "Go on")
+
+
+def test_a_reply_that_ended_with_end_of_turn_restores(tiny):
+    """The end-of-turn marker has no text of its own; such a reply (nearly
+    every reply of a real model) must still make a restorable snapshot."""
+    loaded, _ = tiny
+    probe = Engine(loaded, CONFIG)
+    greedy, _ = reply(probe, probe.open_session(None, SamplingParams()), "Hello")
+    engine = Engine(loaded, CONFIG)
+    engine.end_ids = engine.end_ids | {greedy[2]}  # the tiny model's third token
+    session = engine.open_session(None, SamplingParams())
+    events = run_turn(engine, session, "Hello")
+    assert events[-1].reason is EndReason.STOP
+    assert len(session.last_turn.delta_texts) == len(session.last_turn.reply_ids) - 1
+    blob = encode_snapshot(session, loaded.fingerprint)
+    other = Engine(loaded, CONFIG)
+    other.end_ids = engine.end_ids
+    restored = decode_snapshot(
+        blob,
+        loaded.fingerprint,
+        other.cache_shape,
+        loaded.rotary,
+        len(loaded.tokenizer),
+    )
+    adopt(other, restored)
+    assert restored.last_turn.reply_ids == session.last_turn.reply_ids
+    assert reply(other, restored, "Go on") == reply(engine, session, "Go on")
+
+
+def test_a_turn_rolled_back_is_not_the_snapshot_s_last_reply(tiny):
+    """Snapshots are taken as a session settles, including after a turn that
+    ended before its reply began: that one must not be taken for the newest
+    reply (its number is past the session's turns)."""
+    loaded, _ = tiny
+    engine, session = converse(loaded, torch.float32, SamplingParams(max_new_tokens=4))
+    answered = session.last_turn
+    blobs = []
+    engine.on_settled = lambda s: blobs.append(encode_snapshot(s, loaded.fingerprint))
+    engine.submit_turn(session.session_id, "A question nobody waits for")
+    engine.cancel_turn(session.session_id)
+    while session.busy:
+        engine.step()
+    assert session.num_turns == 2 and session.last_turn is answered
+    restored = decode_snapshot(
+        blobs[-1], loaded.fingerprint, engine.cache_shape, loaded.rotary
+    )
+    assert restored.last_turn.turn == answered.turn
+    assert restored.last_turn.reply_ids == answered.reply_ids
 
 
 def test_a_snapshot_without_the_last_reply_still_restores(snapshot):
