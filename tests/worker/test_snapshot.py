@@ -123,6 +123,19 @@ def test_round_trip_is_exact_and_continues_the_same(tiny, dtype, sampling):
     assert_same_session(session, restored)
 
 
+def moved(loaded, engine: Engine, session: Session) -> tuple[Engine, Session]:
+    """The session snapshotted and restored on a second engine like the first."""
+    blob = encode_snapshot(session, loaded.fingerprint)
+    other = Engine(loaded, CONFIG)
+    other.end_ids = engine.end_ids
+    vocab = len(loaded.tokenizer)
+    restored = decode_snapshot(
+        blob, loaded.fingerprint, other.cache_shape, loaded.rotary, vocab
+    )
+    adopt(other, restored)
+    return other, restored
+
+
 def test_a_restored_session_cuts_its_last_reply_like_the_original(tiny):
     """A late interruption after a move: the snapshot carries the newest
     reply, so the restored session cuts it to the heard point exactly as
@@ -130,16 +143,7 @@ def test_a_restored_session_cuts_its_last_reply_like_the_original(tiny):
     loaded, _ = tiny
     engine, session = converse(loaded, torch.float32, SamplingParams(max_new_tokens=6))
     engine.acknowledge(session.session_id, 2)
-    blob = encode_snapshot(session, loaded.fingerprint)
-    other = Engine(loaded, CONFIG)
-    restored = decode_snapshot(
-        blob,
-        loaded.fingerprint,
-        other.cache_shape,
-        loaded.rotary,
-        len(loaded.tokenizer),
-    )
-    adopt(other, restored)
+    other, restored = moved(loaded, engine, session)
     assert restored.last_turn.reply_ids == session.last_turn.reply_ids
     assert restored.last_turn.delta_texts == session.last_turn.delta_texts
     cuts = []
@@ -166,17 +170,7 @@ def test_a_reply_that_ended_with_end_of_turn_restores(tiny):
     events = run_turn(engine, session, "Hello")
     assert events[-1].reason is EndReason.STOP
     assert len(session.last_turn.delta_texts) == len(session.last_turn.reply_ids) - 1
-    blob = encode_snapshot(session, loaded.fingerprint)
-    other = Engine(loaded, CONFIG)
-    other.end_ids = engine.end_ids
-    restored = decode_snapshot(
-        blob,
-        loaded.fingerprint,
-        other.cache_shape,
-        loaded.rotary,
-        len(loaded.tokenizer),
-    )
-    adopt(other, restored)
+    other, restored = moved(loaded, engine, session)
     assert restored.last_turn.reply_ids == session.last_turn.reply_ids
     assert reply(other, restored, "Go on") == reply(engine, session, "Go on")
 
