@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import machine
 from benchmarks.serving import _decode, timed
 from services.datasets import austen_text
 from worker.engine import Engine
@@ -66,6 +67,7 @@ def stream(dtype: torch.dtype, ids: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=RESULTS / "precision.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     text = austen_text("emma")
@@ -91,9 +93,9 @@ def main() -> None:
     result["top1_agreement"] = (full["top1"] == half["top1"]).float().mean().item()
     result["prefill_speedup"] = full["prefill_chunk_s"] / half["prefill_chunk_s"]
     result["decode_speedup"] = full["decode_step_s"] / half["decode_step_s"]
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "precision.json"
-    out.write_text(json.dumps(result, indent=1))
+    result["machine"] = machine()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

@@ -45,10 +45,11 @@ def can_pack(weight: torch.Tensor) -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     ):
         return False
-    return weight.dtype == torch.float32 or _cpu_has_bf16()
+    return weight.dtype == torch.float32 or cpu_has_bf16()
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN finds bf16 instructions on this CPU."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
