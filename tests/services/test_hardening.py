@@ -98,7 +98,10 @@ async def test_ending_the_stream_mid_streamed_turn_drops_that_turn(stack):
         before = list(session.cache.token_ids)
         partial = pb.PartialUserTurn(text="I was going to say", final=False)
         await first.send(pb.ClientMessage(partial_user_turn=partial))
-        await asyncio.wait_for(first.detach(), timeout=10)
+        await first._call.done_writing()
+        rest = await asyncio.wait_for(_drain(first), timeout=10)
+        assert [m.WhichOneof("kind") for m in rest] == ["turn_end"]
+        assert rest[0].turn_end.reason == pb.END_REASON_CANCELLED
 
         second = Conversation(channel)
         resumed = await second.resume(opened.session_id)
@@ -107,3 +110,7 @@ async def test_ending_the_stream_mid_streamed_turn_drops_that_turn(stack):
         messages = [m async for m in second.ask("Still here?")]
         assert messages[-1].turn_end.turn == 2
         await second.close()
+
+
+async def _drain(conversation: Conversation) -> list[pb.ServerMessage]:
+    return [m async for m in conversation.events()]
