@@ -94,6 +94,11 @@ class _Relay:
         self.turn_message: pb.ClientMessage | None = None  # the open user turn
         self.reply_started = False  # some of its reply reached the client
         self.reply_turn: int | None = None  # the turn number of that reply
+        # Interrupts, acks and closes written to this worker since the last
+        # turn began: a worker can die after a write succeeded but before it
+        # acted, so after a move the next worker gets them again (each is
+        # harmless twice: the same cut again keeps what it kept).
+        self.replay: list[pb.ClientMessage] = []
 
 
 # Worker-side failures that mean the worker is gone or going: move the session.
@@ -104,6 +109,8 @@ _WORKER_LOST = {
     grpc.StatusCode.INTERNAL,
 }
 _CLIENT_DONE = object()
+_REPLAYED = {"interrupt", "ack", "close"}
+_REPLAY_LIMIT = 64
 
 
 async def _read_client(
@@ -155,6 +162,12 @@ async def _pump(
                 relay.turn_open = was_open  # the lost worker never had it
                 raise
             relay.outbox.pop(0)
+            if starts_turn:
+                relay.replay = []
+            elif kind in _REPLAYED:
+                if kind == "ack":  # only the newest ack counts
+                    relay.replay = [m for m in relay.replay if not m.HasField("ack")]
+                relay.replay = [*relay.replay[-(_REPLAY_LIMIT - 1) :], message]
         # The end of the client's messages stays queued: after a move, the
         # next worker is told at once that the client is done writing.
         relay.client_done = True
@@ -400,9 +413,16 @@ class GatewayServicer(pb_grpc.SessionsServicer):
         # snapshotted before the worker went: then the restored session holds
         # it (the client missed only the end of its reply), and it is not lost.
         kept = relay.reply_turn is not None and opened.num_turns >= relay.reply_turn
+        turn_lost = relay.turn_open and not kept
+        if not turn_lost:
+            # After the user turn that is sent again (if any), before what
+            # the client wrote since.
+            at = 1 if relay.outbox and relay.outbox[0] is relay.turn_message else 0
+            relay.outbox[at:at] = relay.replay
+        relay.replay = []
         moved = pb.SessionMoved(
             worker_id=opened.worker_id,
-            turn_lost=relay.turn_open and not kept,
+            turn_lost=turn_lost,
             cache_length=opened.cache_length,
             num_turns=opened.num_turns,
         )

@@ -429,3 +429,41 @@ async def test_closing_a_session_deletes_its_snapshot_even_mid_write(
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)  # past any write that was still on its way
         assert await node.persistence.store.get(opened.session_id) is None
+
+
+async def test_an_interrupt_its_worker_took_but_never_applied_is_sent_again(
+    tiny, tokenizer, url, monkeypatch
+):
+    """The worker dies after the gateway's write of an interrupt succeeded
+    but before the worker acted on it: after the move, the next worker gets
+    the interrupt again and cuts the reply."""
+    from worker.server import WorkerServicer
+
+    handle = WorkerServicer._handle
+    dying = {}
+
+    def die_on_interrupt(self, session, message, interrupts):
+        if message.WhichOneof("kind") == "interrupt" and self.worker_id in dying:
+            asyncio.ensure_future(dying.pop(self.worker_id).kill())
+            return None  # taken off the wire, never acted on
+        return handle(self, session, message, interrupts)
+
+    monkeypatch.setattr(WorkerServicer, "_handle", die_on_interrupt)
+    async with Cluster(tiny, tokenizer, url) as cluster:
+        conversation = Conversation(cluster.channel)
+        opened = await conversation.open(sampling=SAMPLING)
+        first = tokens(await ask(conversation, QUESTIONS[0]))
+        await conversation.ack(5)
+        await cluster.flushed()
+        dying[opened.worker_id] = cluster.nodes[opened.worker_id]
+        await conversation.interrupt(heard_tokens=3)
+        kinds, cut = [], None
+        async with asyncio.timeout(30):  # without the resend, nothing comes
+            async for message in conversation.events():
+                kinds.append(message.WhichOneof("kind"))
+                if message.WhichOneof("kind") == "interrupted":
+                    cut = message.interrupted
+                    break
+        assert kinds == ["moved", "interrupted"] and not dying
+        assert (cut.turn, cut.num_kept, cut.num_rolled_back) == (1, 3, len(first) - 3)
+        await conversation.close()
