@@ -127,7 +127,6 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         self.persistence = persistence
         self.worker_id = worker_id
         self.model_name = model_name
-        self._background: set[asyncio.Future] = set()
 
     async def GetLoad(
         self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext
@@ -262,6 +261,11 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
         try:
             async for message in request_iterator:
                 reply = self._handle(session, message, interrupts)
+                closed = reply is not None and reply.WhichOneof("kind") == "closed"
+                if closed and self.persistence is not None:
+                    # SessionClosed promises that nothing of the session is
+                    # left, its snapshot included.
+                    await self.persistence.forget(session.session_id)
                 if reply is not None:
                     outbox.put_nowait(reply)
                 if message.WhichOneof("kind") == "close":
@@ -291,12 +295,7 @@ class WorkerServicer(pb_grpc.SessionsServicer, pb_grpc.WorkerControlServicer):
                 return None
             if kind == "close":
                 self.engine.close_session(session.session_id)
-                if self.persistence is not None:
-                    task = asyncio.ensure_future(
-                        self.persistence.forget(session.session_id)
-                    )
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                # `_read` deletes the snapshot before this answer goes out.
                 closed = pb.SessionClosed(session_id=session.session_id)
                 return pb.ServerMessage(closed=closed)
             if kind == "interrupt":
