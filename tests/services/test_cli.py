@@ -36,6 +36,10 @@ def test_a_bad_value_in_the_environment_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("SINKSERVE_EVICTION", "bogus")
     with pytest.raises(SystemExit, match="SINKSERVE_EVICTION='bogus' is not one of"):
         build_parser()
+    monkeypatch.delenv("SINKSERVE_EVICTION")
+    monkeypatch.setenv("SINKSERVE_WINDOW_SIZE", "abc")
+    with pytest.raises(SystemExit, match="SINKSERVE_WINDOW_SIZE='abc' is not valid"):
+        build_parser()
 
 
 async def test_a_worker_is_known_by_the_address_it_publishes(tiny):
