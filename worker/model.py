@@ -83,10 +83,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     """Dequantize a GGUF file once; return the folder of the converted copy."""
     # Keyed by the file's content (its size, head and tail), not its path:
     # the same wheel installed in another checkout reuses the conversion.
-    digest = hashlib.sha256(f"{gguf_path.name}:{gguf_path.stat().st_size}".encode())
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(f"{gguf_path.name}:{size}".encode())
     with gguf_path.open("rb") as f:
         digest.update(f.read(_KEY_BYTES))
-        f.seek(max(0, gguf_path.stat().st_size - _KEY_BYTES))
+        f.seek(max(0, size - _KEY_BYTES))
         digest.update(f.read(_KEY_BYTES))
     digest = digest.hexdigest()[:12]
     target = cache_dir / "models" / f"{gguf_path.stem}-{digest}"
