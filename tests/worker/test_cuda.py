@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import tiny_config
 from tests.worker.test_decoder import step_both
-from tests.worker.test_engine import QUESTIONS, reference_replies, run_turn
+from tests.worker.test_engine import assert_greedy_matches_generate
 from worker.engine import Engine, EngineConfig
 from worker.model import prepare_model
 from worker.runner import ModelRunner
-from worker.session import SamplingParams, TokenEvent
+from worker.session import SamplingParams
 from worker.sink_cache import SinkCache
 
 pytestmark = [
@@ -37,11 +37,7 @@ def test_greedy_on_cuda_matches_generate(tokenizer):
     assert loaded.decoder is not None and not loaded.decoder.lm_head.packed
     engine = Engine(loaded, EngineConfig(window_size=1020, prefill_chunk_size=7))
     session = engine.open_session(None, SamplingParams(max_new_tokens=12))
-    expected = reference_replies(engine, reference, QUESTIONS, 12)
-    for question, want in zip(QUESTIONS, expected, strict=True):
-        events = run_turn(engine, session, question)
-        got = [e.token_id for e in events if isinstance(e, TokenEvent)]
-        assert got == [t for t in want if t not in engine.end_ids]
+    assert_greedy_matches_generate(engine, session, reference, 12)
     assert session.cache.k_rot.device.type == "cuda"
 
 

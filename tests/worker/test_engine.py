@@ -47,17 +47,28 @@ def reference_replies(
     return replies
 
 
+def assert_greedy_matches_generate(
+    engine: Engine, session, reference, max_new_tokens: int
+) -> list[list]:
+    """Each turn of QUESTIONS replies as `generate` does on the whole
+    conversation; returns each turn's events."""
+    expected = reference_replies(engine, reference, QUESTIONS, max_new_tokens)
+    turns = []
+    for question, want in zip(QUESTIONS, expected, strict=True):
+        events = run_turn(engine, session, question)
+        got = [e.token_id for e in events if isinstance(e, TokenEvent)]
+        assert got == [t for t in want if t not in engine.end_ids]
+        turns.append(events)
+    return turns
+
+
 def test_greedy_matches_generate_over_three_turns(tiny):
     loaded, reference = tiny
     engine = Engine(loaded, EngineConfig(window_size=1020, prefill_chunk_size=7))
     session = engine.open_session(None, SamplingParams(max_new_tokens=12))
-    expected = reference_replies(engine, reference, QUESTIONS, 12)
-    for question, want in zip(QUESTIONS, expected, strict=True):
-        events = run_turn(engine, session, question)
+    for events in assert_greedy_matches_generate(engine, session, reference, 12):
         end = events[-1]
         assert isinstance(end, TurnEndEvent)
-        got = [e.token_id for e in events if isinstance(e, TokenEvent)]
-        assert got == [t for t in want if t not in engine.end_ids]
         assert end.stats.num_evicted == 0
     # Without eviction the cache holds the whole conversation.
     assert session.cache.length == len(session.cache.token_ids)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import build_tiny
-from tests.worker.test_engine import QUESTIONS, reference_replies, run_turn
+from tests.worker.test_engine import assert_greedy_matches_generate
 from worker.engine import Engine, EngineConfig
 from worker.rotary import UnsupportedModelError
-from worker.session import SamplingParams, TokenEvent
+from worker.session import SamplingParams
 
 ROPE_VARIANTS = {
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
@@ -47,11 +47,7 @@ def test_family_matches_generate(tokenizer, model_type, overrides):
     loaded, reference = build_tiny(tokenizer, model_type, **overrides)
     engine = Engine(loaded, EngineConfig())
     session = engine.open_session(None, SamplingParams(max_new_tokens=8))
-    expected = reference_replies(engine, reference, QUESTIONS, 8)
-    for question, want in zip(QUESTIONS, expected, strict=True):
-        events = run_turn(engine, session, question)
-        got = [e.token_id for e in events if isinstance(e, TokenEvent)]
-        assert got == [t for t in want if t not in engine.end_ids]
+    assert_greedy_matches_generate(engine, session, reference, 8)
 
 
 @pytest.mark.parametrize(
